@@ -1,0 +1,35 @@
+# `make demo` and `make test` do all set-up themselves: virtual environment, install, run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pins the CPU build of torch that this project's machines carry (see constraints/cpu.txt).
+# Elsewhere, e.g. with a GPU: `make demo CONSTRAINTS=` installs without it.
+CONSTRAINTS ?= constraints/cpu.txt
+STAMP := $(VENV)/.fedtrain-installed
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedtrain simulate
+
+test: install
+	$(BIN)/ruff check fedtrain tests
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check fedtrain tests
+	$(BIN)/ruff format --check fedtrain tests
+
+format: install
+	$(BIN)/ruff format fedtrain tests
+	$(BIN)/ruff check --fix fedtrain tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

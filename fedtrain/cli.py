@@ -1,0 +1,176 @@
+"""The `fedtrain` command line. Errors a user can cause print one sentence and exit non-zero."""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedtrain.errors import FedtrainError, find_fedtrain_error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Federated, privacy-preserving PyTorch training (Flower + Opacus DP-SGD + encrypted weights).",
+)
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _round_table(rows: list[dict[str, Any]], total: int) -> Table:
+    table = Table(title=f"fedtrain simulate: {len(rows)}/{total} rounds", title_justify="left")
+    for column in ("round", "accuracy", "test loss", "train loss", "ok", "refused", "failed", "max epsilon", "s"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["round"]),
+            _fmt(row["accuracy"]),
+            _fmt(row["loss"]),
+            _fmt(row["train_loss"]),
+            str(row["clients_ok"]),
+            str(row["clients_refused"]),
+            str(row["clients_failed"]),
+            _fmt(row["epsilon_max"], 3),
+            _fmt(row["seconds"], 1),
+        )
+    return table
+
+
+def _new_run_dir(run_dir: str | None) -> Path:
+    path = Path(run_dir) if run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if path.exists() and any(path.iterdir()):
+        raise FedtrainError(f"run directory {path} is not empty; choose a new --run-dir so no earlier run is lost.")
+    return path
+
+
+@app.command()
+def simulate(
+    data: Annotated[str | None, typer.Option(help="Dataset file/folder to split into shards, or 'digits'.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of simulated clients.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid or dirichlet.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more skew).")] = None,
+    model: Annotated[str | None, typer.Option(help="logistic, mlp, cnn, or MODULE:FACTORY.")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="Epsilon for the whole training.")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="Fixed DP-SGD noise multiplier.")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping bound.")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
+    max_epsilon: Annotated[float | None, typer.Option(help="Budget a client never exceeds.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    key_file: Annotated[str | None, typer.Option(help="Model key file (default: fedtrain's key store).")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
+) -> None:
+    """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
+    from fedtrain import simulation
+    from fedtrain.config import resolve
+    from fedtrain.security.keys import load_model_key
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "simulation", "resolve")}
+    overrides.pop("load_model_key", None)
+    resolved = resolve(config, overrides)
+    path = _new_run_dir(resolved.run_dir)
+    model_key = load_model_key(resolved.key_file, create_local=True)
+    resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
+    console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
+    console.print(f"run directory: {path}")
+
+    rows: list[dict[str, Any]] = []
+    with Live(_round_table(rows, resolved.rounds), console=console, refresh_per_second=4) as live:
+
+        def on_round(row: dict[str, Any]) -> None:
+            rows.append(row)
+            live.update(_round_table(rows, resolved.rounds))
+
+        simulation.run(resolved, on_round=on_round, verbose=verbose)
+
+    _print_summary(path, rows)
+
+
+def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    import json
+
+    last = rows[-1]
+    privacy = json.loads((path / "privacy.json").read_text())
+    console.print(
+        f"final accuracy {_fmt(last['accuracy'])} after {last['round']} rounds; "
+        f"max client epsilon {_fmt(last['epsilon_max'], 3)} (RDP accountant)."
+    )
+    for cid, info in privacy["clients"].items():
+        steps = sum(e["steps"] for e in info["ledger"])
+        console.print(
+            f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} over {len(info['ledger'])} rounds, "
+            f"{steps} DP-SGD steps"
+        )
+    console.print(
+        f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
+    )
+    console.print(f"to decrypt it: fedtrain export {path} --out model.pt")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the plain PyTorch state_dict.")],
+    key_file: Annotated[
+        str | None, typer.Option(help="Model key file (default: $FEDTRAIN_MODEL_KEY or store).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Decrypt a run's final model to a plain state_dict file (only when you ask for it)."""
+    import torch
+
+    from fedtrain.fileio import atomic_write_bytes
+    from fedtrain.security.keys import load_model_key
+    from fedtrain.server.model_files import MODEL_FILE, load_model, read_run_info
+
+    if out.exists() and not force:
+        raise FedtrainError(f"{out} already exists; choose another --out or pass --force.")
+    info = read_run_info(run_dir)
+    model_key = load_model_key(key_file)
+    state, meta = load_model(run_dir / MODEL_FILE, model_key.key, info["run_id"], "model")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
+    console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+def main() -> None:
+    """Console entry point: one sentence for user errors, a traceback only for real bugs."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        errors.print("interrupted; files written so far are complete (writes are atomic).")
+        sys.exit(130)
+    except Exception as exc:
+        user_error = find_fedtrain_error(exc)
+        if user_error is None:
+            raise
+        errors.print(f"[bold red]error:[/] {user_error}", highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    main()

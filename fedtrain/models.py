@@ -1,0 +1,152 @@
+"""Built-in models (logistic, mlp, cnn) and user models given as `module:factory`.
+
+Every model is made Opacus-compatible here, once, on the server and on every client alike, so
+their state_dicts agree: BatchNorm becomes GroupNorm (the user is told), and a layer Opacus cannot
+train privately is named in a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+
+import torch
+from torch import nn
+
+from fedtrain.errors import FedtrainError
+
+log = logging.getLogger("fedtrain")
+BUILTIN_MODELS = ("logistic", "mlp", "cnn")
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+def logistic(input_shape: list[int], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(input_shape: list[int], num_classes: int, hidden: int = 32) -> nn.Module:
+    """One tanh hidden layer: bounded activations suit DP-SGD's clipped gradients."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def cnn(input_shape: list[int], num_classes: int) -> nn.Module:
+    """Two conv blocks with GroupNorm; adaptive pooling makes it fit 8x8, 28x28 and 32x32 alike."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < 2:
+        raise FedtrainError(
+            f"model 'cnn' needs images (channels, height >= 2, width >= 2), but the data has shape "
+            f"{input_shape}; use model 'mlp' for tabular data."
+        )
+    channels = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.GroupNorm(_groups(16), 16),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.GroupNorm(_groups(32), 32),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4, num_classes),
+    )
+
+
+def _user_model(spec: str, input_shape: list[int], num_classes: int) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise FedtrainError(
+            f"cannot import model module {module_name!r} ({type(exc).__name__}: {exc}); "
+            "check it is installed or on PYTHONPATH."
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise FedtrainError(f"module {module_name!r} has no callable {attr!r}; give MODULE:FUNCTION.")
+    offered = {"input_shape": list(input_shape), "num_classes": num_classes}
+    params = inspect.signature(factory).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise FedtrainError(f"model factory {spec} failed: {type(exc).__name__}: {exc}.") from None
+    if not isinstance(model, nn.Module):
+        raise FedtrainError(f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def make_private_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Fix what Opacus can fix (ModuleValidator.fix) and report each replaced layer.
+
+    Raises FedtrainError naming the first layer that still cannot be trained with DP-SGD.
+    """
+    from opacus.validators import ModuleValidator
+
+    before = {name: type(m).__name__ for name, m in model.named_modules()}
+    if ModuleValidator.validate(model, strict=False):
+        model = ModuleValidator.fix(model)
+    after = {name: type(m).__name__ for name, m in model.named_modules()}
+    replaced = [
+        f"{name}: {before[name]} -> {after[name]}" for name in after if name in before and before[name] != after[name]
+    ]
+    remaining = ModuleValidator.validate(model, strict=False)
+    if remaining:
+        raise FedtrainError(
+            f"the model cannot be trained with DP-SGD: {str(remaining[0]).strip()}; replace that layer."
+        )
+    return model, replaced
+
+
+def build_model(
+    name: str, input_shape: list[int], num_classes: int, *, hidden: int = 32, seed: int | None = None
+) -> nn.Module:
+    """Build, make DP-compatible and sanity-check a model for this data."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if name == "logistic":
+        model = logistic(input_shape, num_classes)
+    elif name == "mlp":
+        model = mlp(input_shape, num_classes, hidden)
+    elif name == "cnn":
+        model = cnn(input_shape, num_classes)
+    elif ":" in name:
+        model = _user_model(name, input_shape, num_classes)
+    else:
+        raise FedtrainError(
+            f"unknown model {name!r}; use one of {', '.join(BUILTIN_MODELS)} or MODULE:FACTORY for your own."
+        )
+    model, replaced = make_private_compatible(model)
+    for change in replaced:
+        log.warning("model made DP-compatible: %s", change)
+    _check_output(model, name, input_shape, num_classes)
+    return model
+
+
+def _check_output(model: nn.Module, name: str, input_shape: list[int], num_classes: int) -> None:
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as exc:
+        raise FedtrainError(
+            f"model {name!r} does not accept inputs of shape {input_shape} ({type(exc).__name__}: {exc})."
+        ) from None
+    finally:
+        model.train()
+    if tuple(out.shape) != (2, num_classes):
+        raise FedtrainError(
+            f"model {name!r} outputs shape {list(out.shape[1:])} per sample, but the data has {num_classes} "
+            "classes; make its last layer output one score per class."
+        )

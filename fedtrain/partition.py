@@ -1,0 +1,106 @@
+"""Deterministic splits: the global test set, client shards (IID or Dirichlet label skew), and
+each client's held-out evaluation split. Same seed, same splits, in every process."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedtrain.config import Config
+from fedtrain.data import Dataset, load_source
+from fedtrain.errors import FedtrainError
+
+MAX_DIRICHLET_TRIES = 100
+
+
+def test_split(dataset: Dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test); stratified by class when every class has at least two samples."""
+    n = len(dataset)
+    indices = np.arange(n)
+    if fraction <= 0:
+        return indices, indices[:0]
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(dataset.y, minlength=dataset.num_classes)
+    stratify = dataset.y if counts[counts > 0].min() >= 2 and round(n * fraction) >= dataset.num_classes else None
+    train, test = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    return np.sort(train), np.sort(test)
+
+
+def iid(num_samples: int, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Shuffle and cut into near-equal parts."""
+    order = np.random.default_rng(seed).permutation(num_samples)
+    return [np.sort(part) for part in np.array_split(order, num_partitions)]
+
+
+def dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_size: int = 2) -> list[np.ndarray]:
+    """Label skew: each class is spread over clients with proportions ~ Dirichlet(alpha).
+
+    Small alpha gives clients few classes. Draws again (bounded) until every client has at
+    least `min_size` samples, so no client is left without data.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(MAX_DIRICHLET_TRIES):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        for cls in classes:
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            shares = rng.dirichlet(np.full(num_partitions, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for part, chunk in zip(parts, np.split(members, cuts), strict=True):
+                part.extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise FedtrainError(
+        f"Dirichlet partition with alpha={alpha} left a client with fewer than {min_size} samples "
+        f"in {MAX_DIRICHLET_TRIES} draws; raise alpha or use fewer clients."
+    )
+
+
+def partition(dataset: Dataset, config: Config) -> list[np.ndarray]:
+    """Split the (training part of a) dataset into `config.clients` shards."""
+    if len(dataset) < 2 * config.clients:
+        raise FedtrainError(
+            f"{len(dataset)} training samples cannot feed {config.clients} clients (at least 2 each); "
+            "use fewer clients or more data."
+        )
+    if config.partition == "iid":
+        return iid(len(dataset), config.clients, config.seed)
+    return dirichlet(dataset.y, config.clients, config.alpha, config.seed)
+
+
+def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's (train, held-out evaluation) indices; at least one training sample."""
+    order = np.random.default_rng(seed).permutation(num_samples)
+    held = min(int(round(num_samples * fraction)), num_samples - 1)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+# ---------------------------------------------------------------- simulation view of one dataset
+
+
+@functools.lru_cache(maxsize=4)
+def _simulation_split(key: tuple) -> tuple[Dataset, Dataset, tuple[np.ndarray, ...]]:
+    config = Config.from_run_config(dict(key))
+    source = load_source(config)
+    train_idx, test_idx = test_split(source, config.test_fraction, config.seed)
+    train = source.subset(train_idx)
+    return train, source.subset(test_idx), tuple(partition(train, config))
+
+
+def _key(config: Config) -> tuple:
+    return tuple(sorted(config.to_run_config().items()))
+
+
+def simulation_shard(config: Config, partition_id: int) -> Dataset:
+    """The shard simulated client `partition_id` holds (same in every process: seeded)."""
+    train, _, parts = _simulation_split(_key(config))
+    if not 0 <= partition_id < len(parts):
+        raise FedtrainError(f"partition {partition_id} does not exist: the run has {len(parts)} clients.")
+    return train.subset(parts[partition_id])
+
+
+def simulation_test_set(config: Config) -> Dataset:
+    """The global test split the server evaluates on in simulation (never given to a client)."""
+    return _simulation_split(_key(config))[1]

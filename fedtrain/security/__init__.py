@@ -1,0 +1,1 @@
+"""Keys, authenticated encryption envelopes and encrypted files. No training code here."""

@@ -1,0 +1,1 @@
+"""The ServerApp: round loop, update screening, metrics history and encrypted model files."""

@@ -1,0 +1,98 @@
+"""What a run leaves behind in its run directory besides the model: the per-round metrics history
+(JSON + CSV), a plot of accuracy and epsilon, and the privacy report with every client's ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedtrain.fileio import atomic_write_bytes, atomic_write_text
+from fedtrain.server.screening import ClientPrivacy
+
+METRICS_JSON, METRICS_CSV, PLOT, PRIVACY_JSON = "metrics.json", "metrics.csv", "training.png", "privacy.json"
+CSV_COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "federated_accuracy",
+    "federated_loss",
+    "train_loss",
+    "clients_ok",
+    "clients_refused",
+    "clients_failed",
+    "epsilon_max",
+    "seconds",
+)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN is not JSON: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.json (a list, one object per round) and metrics.csv (flat, one column per client)."""
+    atomic_write_text(run_dir / METRICS_JSON, json.dumps(_json_safe(rows), indent=2) + "\n")
+    clients = sorted({cid for row in rows for cid in row.get("epsilon", {})})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*CSV_COLUMNS, *(f"epsilon_{cid}" for cid in clients)])
+    for row in rows:
+        base = [row.get(col) for col in CSV_COLUMNS]
+        writer.writerow(["" if v is None else v for v in base] + [row["epsilon"].get(cid, "") for cid in clients])
+    atomic_write_text(run_dir / METRICS_CSV, buffer.getvalue())
+
+
+def write_privacy_report(run_dir: Path, clients: dict[str, ClientPrivacy], accountant: str = "rdp") -> None:
+    """privacy.json: per client its delta, full ledger and reported epsilon, to recompute independently."""
+    report = {
+        "accountant": accountant,
+        "note": "epsilon is cumulative over every ledger entry (one per round the client trained); "
+        "recompute it with any accountant from noise_multiplier, sample_rate and steps.",
+        "clients": {
+            cid: {
+                "delta": info.delta,
+                "epsilon": info.epsilon,
+                "ledger": [
+                    {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps}
+                    for e in info.ledger.entries
+                ],
+            }
+            for cid, info in sorted(clients.items())
+        },
+    }
+    atomic_write_text(run_dir / PRIVACY_JSON, json.dumps(report, indent=2) + "\n")
+
+
+def write_plot(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """training.png: accuracy (left axis) and the largest client epsilon (right axis) per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [row["round"] for row in rows]
+    figure, left = plt.subplots(figsize=(6, 3.6), dpi=100)
+    left.plot(rounds, [row["accuracy"] for row in rows], marker="o", color="tab:blue")
+    left.set_xlabel("round")
+    left.set_ylabel("accuracy", color="tab:blue")
+    left.set_ylim(0, 1)
+    right = left.twinx()
+    right.plot(rounds, [row["epsilon_max"] for row in rows], marker="s", color="tab:red")
+    right.set_ylabel("max client epsilon", color="tab:red")
+    left.set_title("fedtrain: accuracy and privacy spent")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(run_dir / PLOT, buffer.getvalue())

@@ -1,0 +1,185 @@
+"""The server's round loop: Flower's strategy decides whom to ask and how to aggregate; this loop
+adds what fedtrain promises around it, every round:
+
+    configure_train -> send/receive -> screen replies (refused / failed / accepted, ledgers)
+    -> strategy.aggregate_train(client weights) -> federated + central evaluation
+    -> metrics history, privacy report, plot -> encrypted atomic checkpoint -> progress callback
+
+It mirrors `flwr.serverapp.strategy.Strategy.start`, which offers no per-round hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+import fedtrain
+from fedtrain.config import Config
+from fedtrain.data import Dataset
+from fedtrain.errors import FedtrainError
+from fedtrain.evaluation import evaluate
+from fedtrain.fileio import atomic_write_text
+from fedtrain.models import build_model
+from fedtrain.security.keys import load_model_key
+from fedtrain.server import history
+from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
+from fedtrain.server.screening import ClientPrivacy, screen
+from fedtrain.strategies import make_strategy
+
+log = logging.getLogger("fedtrain")
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _mean_metric(metrics: Any, key: str) -> float:
+    return float(metrics[key]) if metrics is not None and key in metrics else float("nan")
+
+
+class Federation:
+    """One fedtrain run on the server side: owns the global model and the run directory."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        test_set: Dataset | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        if not config.run_dir:
+            raise FedtrainError("the server needs a run directory (run_dir) to keep the model and metrics.")
+        num_classes = config.num_classes or (len(config.labels) if config.labels else None)
+        if not config.input_shape or not num_classes:
+            raise FedtrainError("the server needs input_shape and num_classes (or labels) in the config.")
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.test_set = test_set
+        self.on_round = on_round or self._log_round
+        self.model_key = load_model_key(config.key_file)
+        self.run_id = str(config.extra.get("run-id") or uuid.uuid4().hex)
+        self.model = build_model(config.model, config.input_shape, num_classes, hidden=config.hidden, seed=config.seed)
+        self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
+        self.rows: list[dict[str, Any]] = []
+        self.privacy: dict[str, ClientPrivacy] = {}
+
+    # ------------------------------------------------------------------ files
+
+    def _write_run_info(self) -> None:
+        import json
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.toml", self.config.to_toml())
+        info = {
+            "run_id": self.run_id,
+            "key_id": self.model_key.key_id,
+            "fedtrain_version": fedtrain.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
+
+    def _save(self, state: dict[str, torch.Tensor], kind: str, server_round: int) -> None:
+        name = MODEL_FILE if kind == "model" else CHECKPOINT_FILE
+        meta = {"round": server_round, "run_id": self.run_id}
+        save_model(self.run_dir / name, state, self.model_key.key, self.run_id, kind, meta)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, grid: Grid) -> list[dict[str, Any]]:
+        self._write_run_info()
+        strategy = make_strategy(self.config)
+        state = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items())
+        for server_round in range(1, self.config.rounds + 1):
+            state = self._round(grid, strategy, server_round, state)
+        self._save(state, "model", self.config.rounds)
+        return self.rows
+
+    def _round(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> OrderedDict:
+        started = time.monotonic()
+        timeout = self.config.round_timeout
+        global_np = {k: v.numpy() for k, v in state.items()}
+        messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        screened = screen(replies, global_np)
+        self._note_missing(messages, replies, screened.failed)
+        self.privacy.update(screened.privacy)
+        train_loss = float("nan")
+        if screened.accepted:
+            arrays, metrics = strategy.aggregate_train(server_round, screened.accepted)
+            if arrays is not None:
+                state = OrderedDict(
+                    (k, torch.from_numpy(np.asarray(a.numpy(), dtype=global_np[k].dtype))) for k, a in arrays.items()
+                )
+            train_loss = _mean_metric(metrics, "train-loss")
+        for name, reason in {**screened.failed, **screened.refused}.items():
+            log.warning("round %d: %s: %s", server_round, name, reason)
+
+        fed_loss, fed_acc = self._federated_evaluation(grid, strategy, server_round, state)
+        test_loss, test_acc = self._central_evaluation(state)
+        central = self.test_set is not None
+        row = {
+            "round": server_round,
+            "accuracy": test_acc if central else fed_acc,
+            "loss": test_loss if central else fed_loss,
+            "federated_accuracy": fed_acc,
+            "federated_loss": fed_loss,
+            "train_loss": train_loss,
+            "clients_ok": len(screened.accepted),
+            "clients_refused": len(screened.refused),
+            "clients_failed": len(screened.failed),
+            "epsilon_max": max((p.epsilon for p in self.privacy.values()), default=0.0),
+            "epsilon": {cid: p.epsilon for cid, p in sorted(self.privacy.items())},
+            "refused": dict(screened.refused),
+            "failed": dict(screened.failed),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        self.rows.append(row)
+        history.write_metrics(self.run_dir, self.rows)
+        history.write_privacy_report(self.run_dir, self.privacy)
+        history.write_plot(self.run_dir, self.rows)
+        self._save(state, "checkpoint", server_round)
+        self.on_round(row)
+        return state
+
+    @staticmethod
+    def _note_missing(messages: list[Message], replies: list[Message], failed: dict[str, str]) -> None:
+        answered = {r.metadata.src_node_id for r in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                failed[f"node-{msg.metadata.dst_node_id}"] = "no reply within round_timeout"
+
+    def _federated_evaluation(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict):
+        messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))
+        if not messages:
+            return float("nan"), float("nan")
+        replies = [r for r in grid.send_and_receive(messages, timeout=self.config.round_timeout) if not r.has_error()]
+        replies = [r for r in replies if float(next(iter(r.content.metric_records.values()))["num-examples"]) > 0]
+        if not replies:
+            return float("nan"), float("nan")
+        metrics = strategy.aggregate_evaluate(server_round, replies)
+        return _mean_metric(metrics, "eval-loss"), _mean_metric(metrics, "eval-accuracy")
+
+    def _central_evaluation(self, state: OrderedDict) -> tuple[float, float]:
+        if self.test_set is None:
+            return float("nan"), float("nan")
+        self.model.load_state_dict(state)
+        return evaluate(self.model, self.test_set, self.device)
+
+    def _log_round(self, row: dict[str, Any]) -> None:
+        log.info(
+            "round %d/%d: accuracy %.4f, max epsilon %.3f, clients ok %d, refused %d, failed %d",
+            row["round"],
+            self.config.rounds,
+            row["accuracy"],
+            row["epsilon_max"],
+            row["clients_ok"],
+            row["clients_refused"],
+            row["clients_failed"],
+        )

@@ -1,0 +1,88 @@
+"""Sort train replies into accepted updates, refusals and failures, before any aggregation.
+
+An update is accepted only if it has exactly the global model's tensors, shapes and dtypes and
+every value is finite; anything else is a failure with a reason, and never reaches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from fedtrain.clients.ledger import PrivacyLedger
+
+
+@dataclass
+class ClientPrivacy:
+    """What a client last told the server about its privacy spending."""
+
+    delta: float
+    ledger: PrivacyLedger
+    epsilon: float
+
+
+@dataclass
+class Screened:
+    accepted: list[Message] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
+
+
+def _name(msg: Message) -> str:
+    content = None if msg.has_error() else msg.content
+    if content is not None and "privacy" in content.config_records:
+        return str(content.config_records["privacy"].get("client-id", f"node-{msg.metadata.src_node_id}"))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _check_update(update: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> str | None:
+    if set(update.keys()) != set(global_arrays):
+        return "its update has different tensors than the global model"
+    for name, array in update.items():
+        value, reference = array.numpy(), global_arrays[name]
+        if value.shape != reference.shape or value.dtype != reference.dtype:
+            return f"tensor {name} has shape {value.shape}/{value.dtype}, expected {reference.shape}/{reference.dtype}"
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return f"tensor {name} contains NaN or infinite values"
+    return None
+
+
+def screen(replies: list[Message], global_arrays: dict[str, np.ndarray]) -> Screened:
+    """Accepted replies come back holding client *weights* w_t + d, ready for a Flower strategy."""
+    out = Screened()
+    for msg in replies:
+        name = _name(msg)
+        if msg.has_error():
+            out.failed[name] = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "client error"
+            continue
+        content = msg.content
+        privacy = content.config_records.get("privacy")
+        if privacy is not None:
+            try:
+                ledger = PrivacyLedger.from_config_record(privacy)
+                out.privacy[name] = ClientPrivacy(ledger.delta, ledger, float(privacy["epsilon"]))
+            except Exception as exc:  # a malformed ledger is that client's failure, not the run's
+                out.failed[name] = f"unreadable privacy ledger ({exc})"
+                continue
+        if privacy is not None and "refused" in privacy:
+            out.refused[name] = str(privacy["refused"])
+            continue
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            out.failed[name] = "reply does not hold exactly one update and one set of metrics"
+            continue
+        update = next(iter(content.array_records.values()))
+        metrics = next(iter(content.metric_records.values()))
+        problem = _check_update(update, global_arrays)
+        examples = metrics.get("num-examples")
+        if problem is None and (not isinstance(examples, (int, float)) or not examples > 0):
+            problem = "it reports no training examples"
+        if problem:
+            out.failed[name] = f"rejected update: {problem}"
+            continue
+        weights = ArrayRecord({k: Array(global_arrays[k] + update[k].numpy()) for k in global_arrays})
+        msg.content = RecordDict({"arrays": weights, "metrics": metrics})  # what Flower strategies expect
+        out.accepted.append(msg)
+    return out
