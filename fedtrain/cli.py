@@ -36,7 +36,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _round_table(rows: list[dict[str, Any]], total: int) -> Table:
     table = Table(title=f"fedtrain simulate: {len(rows)}/{total} rounds", title_justify="left")
-    for column in ("round", "accuracy", "test loss", "train loss", "ok", "refused", "failed", "max epsilon", "s"):
+    for column in ("round", "acc", "loss", "train", "ok", "refused", "failed", "max eps", "sec"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(

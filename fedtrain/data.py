@@ -253,7 +253,7 @@ def encode_labels(raw: np.ndarray, config: Config, source: str, *, infer: bool) 
         return np.asarray([index[k] for k in keys], dtype=np.int64), list(config.labels)
     if all(_is_int(k) for k in keys):
         ids = np.asarray([int(k) for k in keys], dtype=np.int64)
-        if infer:  # simulation: number the classes present, in numeric order
+        if infer and config.num_classes is None:  # simulation: number the classes present, in order
             names = [str(v) for v in sorted(set(ids.tolist()))]
             return _renumber(ids, names), names
         count = config.num_classes or int(ids.max()) + 1

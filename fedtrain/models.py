@@ -101,11 +101,14 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     replaced = [
         f"{name}: {before[name]} -> {after[name]}" for name in after if name in before and before[name] != after[name]
     ]
-    remaining = ModuleValidator.validate(model, strict=False)
+    from opacus.grad_sample import GradSampleModule
+
+    # ModuleValidator knows the layers it can swap; GradSampleModule also refuses trainable layers
+    # that carry buffers (their statistics would leak data without noise).
+    remaining = ModuleValidator.validate(model, strict=False) or GradSampleModule.validate(model, strict=False)
     if remaining:
-        raise FedtrainError(
-            f"the model cannot be trained with DP-SGD: {str(remaining[0]).strip()}; replace that layer."
-        )
+        detail = " ".join(str(remaining[0]).split())
+        raise FedtrainError(f"the model cannot be trained with DP-SGD: {detail} Replace that layer.")
     return model, replaced
 
 

@@ -97,6 +97,7 @@ def run(config: Config, *, on_round: RoundCallback | None = None, verbose: bool 
     client_app = build_client_app(config)
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         with _quiet_flower(verbose):

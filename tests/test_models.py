@@ -1,0 +1,99 @@
+"""Built-in and user models; Opacus compatibility fixed with a report, or a clear error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from fedtrain.errors import FedtrainError
+from fedtrain.models import build_model, make_private_compatible
+
+
+@pytest.mark.parametrize("shape", [[1, 8, 8], [1, 28, 28], [3, 32, 32]])
+def test_cnn_fits_common_image_sizes(shape: list[int]) -> None:
+    model = build_model("cnn", shape, 10)
+    assert model(torch.zeros(3, *shape)).shape == (3, 10)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_cnn_on_tabular_data_says_what_to_use() -> None:
+    with pytest.raises(FedtrainError, match="use model 'mlp'"):
+        build_model("cnn", [64], 10)
+
+
+def test_batchnorm_is_replaced_and_reported(caplog) -> None:
+    fixed, replaced = make_private_compatible(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+    assert replaced == ["1: BatchNorm2d -> GroupNorm"]
+    assert isinstance(fixed[1], nn.GroupNorm)
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            import torch.nn as nn
+
+            def good(input_shape, num_classes):
+                return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8),
+                                     nn.Linear(8, num_classes))
+
+            def wrong_output():
+                return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+            def not_a_module(**kwargs):
+                return 42
+
+            class RunningScale(nn.Module):
+                # trainable and keeps data statistics in a buffer: not private, not fixable
+                def __init__(self):
+                    super().__init__()
+                    self.scale = nn.Parameter(torch.ones(4))
+                    self.register_buffer("running_max", torch.zeros(4))
+                def forward(self, x):
+                    self.running_max = torch.maximum(self.running_max, x.detach().abs().amax(0))
+                    return x * self.scale
+
+            def unfixable():
+                return nn.Sequential(RunningScale(), nn.Linear(4, 2))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("my_models", None)
+
+
+def test_user_factory_is_built_and_fixed(user_models, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedtrain"):
+        model = build_model("my_models:good", [4], 2)
+    assert model(torch.zeros(2, 4)).shape == (2, 2)
+    assert "BatchNorm1d -> GroupNorm" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("my_models:wrong_output", "outputs shape \\[3\\] per sample, but the data has 2 classes"),
+        ("my_models:not_a_module", "returned int, not a torch.nn.Module"),
+        ("my_models:missing", "has no callable 'missing'"),
+        ("no_such_module_xyz:f", "cannot import model module"),
+        ("transformer", "unknown model"),
+        ("my_models:unfixable", "cannot be trained with DP-SGD: .*0:RunningScale"),
+    ],
+)
+def test_bad_models_are_clear_errors(user_models, spec: str, message: str) -> None:
+    with pytest.raises(FedtrainError, match=message):
+        build_model(spec, [4], 2)
+
+
+def test_same_seed_same_initial_model() -> None:
+    a = build_model("mlp", [1, 8, 8], 10, seed=3).state_dict()
+    b = build_model("mlp", [1, 8, 8], 10, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
