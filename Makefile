@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check fedtrain tests
-	$(BIN)/python -m pytest
+	scripts/loopback-only $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check fedtrain tests

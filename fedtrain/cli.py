@@ -73,6 +73,7 @@ def simulate(
     max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping bound.")] = None,
     delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
     max_epsilon: Annotated[float | None, typer.Option(help="Budget a client never exceeds.")] = None,
+    accountant: Annotated[str | None, typer.Option(help="prv (tight, default) or rdp.")] = None,
     lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
@@ -116,13 +117,13 @@ def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
     privacy = json.loads((path / "privacy.json").read_text())
     console.print(
         f"final accuracy {_fmt(last['accuracy'])} after {last['round']} rounds; "
-        f"max client epsilon {_fmt(last['epsilon_max'], 3)} (RDP accountant)."
+        f"max client epsilon {_fmt(last['epsilon_max'], 3)}."
     )
     for cid, info in privacy["clients"].items():
         steps = sum(e["steps"] for e in info["ledger"])
         console.print(
-            f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} over {len(info['ledger'])} rounds, "
-            f"{steps} DP-SGD steps"
+            f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
+            f"{len(info['ledger'])} rounds, {steps} DP-SGD steps"
         )
     console.print(
         f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
@@ -149,12 +150,23 @@ def export(
     if out.exists() and not force:
         raise FedtrainError(f"{out} already exists; choose another --out or pass --force.")
     info = read_run_info(run_dir)
-    model_key = load_model_key(key_file)
+    model_key = load_model_key(key_file or _configured_key_file(run_dir))
     state, meta = load_model(run_dir / MODEL_FILE, model_key.key, info["run_id"], "model")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+def _configured_key_file(run_dir: Path) -> str | None:
+    """The key file the run was configured with (its config.toml), if any."""
+    from fedtrain.config import load_toml
+
+    try:
+        value = load_toml(run_dir / "config.toml").get("key_file")
+    except FedtrainError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PARTITIONS = ("iid", "dirichlet")
+ACCOUNTANTS = ("prv", "rdp")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Config:
     max_grad_norm: float = 1.0
     delta: float | None = None
     max_epsilon: float | None = None
+    accountant: str = "prv"
     # run
     seed: int = 0
     device: str = "auto"
@@ -76,6 +78,8 @@ class Config:
         _positive(self, "alpha", "lr", "max_grad_norm", "round_timeout")
         if self.partition not in PARTITIONS:
             raise FedtrainError(f"partition must be one of {', '.join(PARTITIONS)}, not {self.partition!r}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise FedtrainError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, not {self.accountant!r}.")
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise FedtrainError(
                 "give either target_epsilon or noise_multiplier, not both: "

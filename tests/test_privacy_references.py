@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
 from fedtrain.clients.ledger import LedgerEntry, PrivacyLedger, calibrate_noise, client_delta
@@ -26,7 +26,7 @@ def classic_rdp_to_dp(rdp: np.ndarray, orders: list[float], delta: float) -> flo
 
 
 def test_opacus_golden_value() -> None:
-    ledger = PrivacyLedger(delta=1e-5, entries=[LedgerEntry(1.5, 0.04, 2250)])
+    ledger = PrivacyLedger(delta=1e-5, entries=[LedgerEntry(1.5, 0.04, 2250)], accountant="rdp")
     assert ledger.epsilon() == pytest.approx(7.3291, abs=1e-3)
 
 
@@ -41,20 +41,36 @@ def test_tf_privacy_mnist_reference_with_our_ledger() -> None:
     # 60 epochs as 12 rounds of 5 epochs: the ledger must equal one accountant over all steps.
     per_round = steps // 12
     entries = [LedgerEntry(1.1, q, per_round)] * 11 + [LedgerEntry(1.1, q, steps - 11 * per_round)]
-    ledger = PrivacyLedger(delta=1e-5, entries=entries)
+    ledger = PrivacyLedger(delta=1e-5, entries=entries, accountant="rdp")
     assert ledger.total_steps == steps
     assert ledger.epsilon() == pytest.approx(2.60, abs=0.03)
     assert ledger.epsilon() < 3.01  # tighter than the classic conversion, never looser
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
 @pytest.mark.parametrize("rounds", [1, 3, 10, 40])
-def test_ledger_over_rounds_equals_one_accountant(rounds: int) -> None:
-    ledger = PrivacyLedger(delta=1e-5)
+def test_ledger_over_rounds_equals_one_accountant(rounds: int, accountant: str) -> None:
+    ledger = PrivacyLedger(delta=1e-5, accountant=accountant)
     for _ in range(rounds):
         ledger.record(LedgerEntry(0.9, 0.05, 37))
-    single = RDPAccountant()
+    single = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     single.history = [(0.9, 0.05, 37 * rounds)]
-    assert ledger.epsilon() == pytest.approx(single.get_epsilon(delta=1e-5), rel=1e-9)
+    assert ledger.epsilon() == pytest.approx(single.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_prv_is_tighter_than_rdp_on_the_mnist_reference() -> None:
+    q, steps = 256 / 60000, int(60 * 60000 / 256)
+    rdp = PrivacyLedger(delta=1e-5, entries=[LedgerEntry(1.1, q, steps)], accountant="rdp").epsilon()
+    prv = PrivacyLedger(delta=1e-5, entries=[LedgerEntry(1.1, q, steps)], accountant="prv").epsilon()
+    assert 2.0 < prv < rdp
+
+
+def test_mixed_rounds_compose_like_the_accountant_history() -> None:
+    entries = [LedgerEntry(1.0, 0.1, 10), LedgerEntry(2.0, 0.2, 5), LedgerEntry(1.0, 0.1, 10)]
+    for accountant, reference in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        reference.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        ledger = PrivacyLedger(delta=1e-5, entries=entries, accountant=accountant)
+        assert ledger.epsilon() == pytest.approx(reference.get_epsilon(delta=1e-5), rel=0.01)
 
 
 def test_ledger_grows_monotonically_and_never_forgets() -> None:

@@ -87,7 +87,7 @@ def _model_for(config: Config, data: Dataset, arrays: ArrayRecord) -> torch.nn.M
 def _ledger(context: Context, num_samples: int, config: Config) -> PrivacyLedger:
     if LEDGER_KEY in context.state:
         return PrivacyLedger.from_config_record(context.state[LEDGER_KEY])
-    return PrivacyLedger(delta=client_delta(num_samples, config.delta))
+    return PrivacyLedger(delta=client_delta(num_samples, config.delta), accountant=config.accountant)
 
 
 def _noise_multiplier(context: Context, config: Config, ledger: PrivacyLedger, rate: float, steps: int) -> float:
@@ -96,7 +96,7 @@ def _noise_multiplier(context: Context, config: Config, ledger: PrivacyLedger, r
         return config.noise_multiplier
     if PLAN_KEY in context.state:
         return float(context.state[PLAN_KEY]["noise-multiplier"])
-    sigma = calibrate_noise(config.target_epsilon, ledger.delta, rate, steps * config.rounds)
+    sigma = calibrate_noise(config.target_epsilon, ledger.delta, rate, steps * config.rounds, ledger.accountant)
     context.state[PLAN_KEY] = ConfigRecord({"noise-multiplier": sigma, "sample-rate": rate})
     return sigma
 
@@ -105,7 +105,6 @@ def _privacy_record(cid: str, ledger: PrivacyLedger, epsilon: float) -> ConfigRe
     record = ledger.to_config_record()
     record["client-id"] = cid
     record["epsilon"] = epsilon
-    record["accountant"] = "rdp"
     return record
 
 
@@ -119,18 +118,17 @@ def handle_train(msg: Message, context: Context, config: Config) -> Message:
     sigma = _noise_multiplier(context, config, ledger, plan.sample_rate, plan.steps)
     plan = planned_round(len(train), settings, sigma)
     budget = config.effective_max_epsilon
-    spent = ledger.epsilon()
-    if budget is not None:
-        projected = ledger.epsilon(extra=plan)
-        if projected > budget * (1 + 1e-9):
-            reason = (
-                f"{cid} refuses this round: it would raise epsilon from {spent:.3f} to {projected:.3f}, "
-                f"over the budget of {budget:g} (delta {ledger.delta:g})"
-            )
-            log.warning(reason)
-            record = _privacy_record(cid, ledger, spent)
-            record["refused"] = reason
-            return Message(RecordDict({"privacy": record}), reply_to=msg)
+    projected = ledger.epsilon(extra=plan)
+    if budget is not None and projected > budget * (1 + 1e-9):
+        spent = ledger.epsilon()
+        reason = (
+            f"{cid} refuses this round: it would raise epsilon from {spent:.3f} to {projected:.3f}, "
+            f"over the budget of {budget:g} (delta {ledger.delta:g})"
+        )
+        log.warning(reason)
+        record = _privacy_record(cid, ledger, spent)
+        record["refused"] = reason
+        return Message(RecordDict({"privacy": record}), reply_to=msg)
 
     global_arrays = msg.content["arrays"]
     model = _model_for(config, train, global_arrays)
@@ -138,7 +136,8 @@ def handle_train(msg: Message, context: Context, config: Config) -> Message:
     result = train_round(model, train, settings, sigma, ledger, resolve_device(config.device))
     ledger.record(result.entry)
     context.state[LEDGER_KEY] = ledger.to_config_record()
-    epsilon = ledger.epsilon()
+    # Opacus counted exactly the planned steps (it always does with Poisson sampling): reuse the projection.
+    epsilon = projected if result.entry == plan else ledger.epsilon()
     update = {k: (v.detach().cpu() - start[k]) for k, v in model.state_dict().items()}
     content = RecordDict(
         {

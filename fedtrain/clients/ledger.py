@@ -2,7 +2,9 @@
 
 One entry (noise_multiplier, sample_rate, steps) per round the client trained, kept for the
 whole run in the node's persistent state. Epsilon is always computed over *all* entries with
-Opacus's RDP accountant, so a round can never forget the rounds before it.
+an Opacus accountant (PRV by default, RDP on request), so a round can never forget the rounds
+before it. PRV (Gopi et al. 2021) gives a numerically tight upper bound, RDP a looser closed form;
+both are Opacus's own implementations.
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ import math
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord
-from opacus.accountants import RDPAccountant
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedtrain.config import ACCOUNTANTS
 from fedtrain.errors import FedtrainError
 
-ACCOUNTANT = "rdp"
 DEFAULT_DELTA = 1e-5
+
+
+def make_accountant(name: str) -> IAccountant:
+    if name == "prv":
+        return PRVAccountant()
+    if name == "rdp":
+        return RDPAccountant()
+    raise FedtrainError(f"unknown accountant {name!r}; use one of {', '.join(ACCOUNTANTS)}.")
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,11 @@ class LedgerEntry:
 
 @dataclass
 class PrivacyLedger:
-    """All rounds a client trained, and the delta its epsilon is reported at."""
+    """All rounds a client trained, the delta its epsilon is reported at, and the accountant."""
 
     delta: float
     entries: list[LedgerEntry] = field(default_factory=list)
+    accountant: str = "prv"
 
     @property
     def total_steps(self) -> int:
@@ -49,8 +60,13 @@ class PrivacyLedger:
         entries = self.entries + ([extra] if extra else [])
         if not any(e.steps for e in entries):
             return 0.0
-        accountant = RDPAccountant()
-        accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps]
+        # Composition is commutative: rounds with the same (sigma, q) are one mechanism with their
+        # steps summed. Same epsilon, and PRV's cost stays flat however many rounds there are.
+        steps: dict[tuple[float, float], int] = {}
+        for e in entries:
+            steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+        accountant = make_accountant(self.accountant)
+        accountant.history = [(sigma, q, n) for (sigma, q), n in steps.items() if n]
         return float(accountant.get_epsilon(delta=self.delta))
 
     def record(self, entry: LedgerEntry) -> None:
@@ -61,6 +77,7 @@ class PrivacyLedger:
     def to_config_record(self) -> ConfigRecord:
         return ConfigRecord(
             {
+                "accountant": self.accountant,
                 "delta": self.delta,
                 "noise-multiplier": [e.noise_multiplier for e in self.entries],
                 "sample-rate": [e.sample_rate for e in self.entries],
@@ -77,7 +94,9 @@ class PrivacyLedger:
             if not (len(sigmas) == len(rates) == len(steps)):
                 raise ValueError("columns of different lengths")
             entries = [LedgerEntry(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
-            return cls(delta=float(record["delta"]), entries=entries)
+            accountant = str(record.get("accountant", "rdp"))
+            make_accountant(accountant)
+            return cls(delta=float(record["delta"]), entries=entries, accountant=accountant)
         except (KeyError, TypeError, ValueError) as exc:
             raise FedtrainError(f"the stored privacy ledger is damaged ({exc}); it cannot be trusted.") from None
 
@@ -89,7 +108,9 @@ def client_delta(num_samples: int, configured: float | None) -> float:
     return min(DEFAULT_DELTA, 1.0 / (10 * num_samples))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "prv"
+) -> float:
     """Noise multiplier that spends at most `target_epsilon` over the *whole* planned training."""
     if total_steps < 1 or not 0 < sample_rate <= 1:
         raise FedtrainError("cannot calibrate noise: the planned training has no steps.")
@@ -98,7 +119,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, tot
         target_delta=delta,
         sample_rate=sample_rate,
         steps=total_steps,
-        accountant=ACCOUNTANT,
+        accountant=accountant,
         epsilon_tolerance=0.005,
     )
     if not math.isfinite(sigma):

@@ -53,14 +53,14 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / METRICS_CSV, buffer.getvalue())
 
 
-def write_privacy_report(run_dir: Path, clients: dict[str, ClientPrivacy], accountant: str = "rdp") -> None:
-    """privacy.json: per client its delta, full ledger and reported epsilon, to recompute independently."""
+def write_privacy_report(run_dir: Path, clients: dict[str, ClientPrivacy]) -> None:
+    """privacy.json: per client its accountant, delta, full ledger and reported epsilon, to recompute."""
     report = {
-        "accountant": accountant,
         "note": "epsilon is cumulative over every ledger entry (one per round the client trained); "
         "recompute it with any accountant from noise_multiplier, sample_rate and steps.",
         "clients": {
             cid: {
+                "accountant": info.ledger.accountant,
                 "delta": info.delta,
                 "epsilon": info.epsilon,
                 "ledger": [
