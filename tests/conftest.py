@@ -35,7 +35,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, out, err
 
 
-def run_cli_process(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None):
+def run_cli_process(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None, cwd=None):
     """Run the installed `fedtrain` console script in a child process, bounded by `timeout`."""
     exe = Path(sys.executable).with_name("fedtrain")
     return subprocess.run(
@@ -43,5 +43,6 @@ def run_cli_process(argv: list[str], timeout: float = 120, env: dict[str, str] |
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
