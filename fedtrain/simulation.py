@@ -68,11 +68,12 @@ def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_flower(verbose: bool) -> Iterator[None]:
-    """Keep Flower's per-round INFO lines (and its run_simulation deprecation notice) off the console."""
+    """Keep Flower's own log (per-round lines, deprecation notice, client tracebacks) off the console:
+    fedtrain reports every client failure with its reason in the round table and metrics.json."""
     logger = logging.getLogger("flwr")
     previous = logger.level
     if not verbose:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -135,3 +135,40 @@ def test_demo_defaults_reach_the_promised_accuracy_and_privacy(tmp_path) -> None
         assert client["epsilon"] <= 3.0
         assert f"{cid}: epsilon {client['epsilon']:.3f}" in result.stdout  # what it printed is what it logged
     assert f"final accuracy {rows[-1]['accuracy']:.4f}" in result.stdout
+
+
+FRAGILE_MODEL = '''
+import torch.nn as nn
+
+
+class Fragile(nn.Module):
+    """Fine for evaluation, raises whenever it trains (as a buggy user model would)."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if self.training and x.shape[0] > 2:
+            raise RuntimeError("boom inside training")
+        return self.linear(x.flatten(1))
+
+
+def fragile(input_shape, num_classes):
+    return Fragile(input_shape, num_classes)
+'''
+
+
+def test_clients_failing_inside_training_stop_the_run_clearly(tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "fragile_model.py").write_text(FRAGILE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))  # Flower passes sys.path on to the Ray workers
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(
+        ["simulate", "--run-dir", str(run_dir), "--rounds", "3", "--model", "fragile_model:fragile"], capsys
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "round 1: no client sent a usable update" in " ".join(err.split())
+    rows, _ = _load(run_dir)
+    assert len(rows) == 1 and rows[0]["clients_failed"] == 5 and rows[0]["clients_ok"] == 0
+    assert all("boom inside training" in reason for reason in rows[0]["failed"].values())
+    assert (run_dir / "checkpoint.ftenc").exists() and not (run_dir / "model.ftenc").exists()

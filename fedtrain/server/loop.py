@@ -69,6 +69,7 @@ class Federation:
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
         self.privacy: dict[str, ClientPrivacy] = {}
+        self.node_names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ files
 
@@ -107,8 +108,8 @@ class Federation:
         global_np = {k: v.numpy() for k, v in state.items()}
         messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        screened = screen(replies, global_np)
-        self._note_missing(messages, replies, screened.failed)
+        screened = screen(replies, global_np, self.node_names)
+        self._note_missing(messages, replies, screened.failed, self.node_names)
         self.privacy.update(screened.privacy)
         train_loss = float("nan")
         if screened.accepted:
@@ -146,14 +147,23 @@ class Federation:
         history.write_plot(self.run_dir, self.rows)
         self._save(state, "checkpoint", server_round)
         self.on_round(row)
+        if screened.failed and not screened.accepted and not screened.refused:
+            name, reason = next(iter(screened.failed.items()))
+            raise FedtrainError(
+                f"round {server_round}: no client sent a usable update ({name}: {reason}); the run stops, "
+                f"its last good model is in {self.run_dir / CHECKPOINT_FILE}."
+            )
         return state
 
     @staticmethod
-    def _note_missing(messages: list[Message], replies: list[Message], failed: dict[str, str]) -> None:
+    def _note_missing(
+        messages: list[Message], replies: list[Message], failed: dict[str, str], names: dict[int, str]
+    ) -> None:
         answered = {r.metadata.src_node_id for r in replies}
         for msg in messages:
-            if msg.metadata.dst_node_id not in answered:
-                failed[f"node-{msg.metadata.dst_node_id}"] = "no reply within round_timeout"
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                failed[names.get(node, f"node-{node}")] = "no reply within round_timeout"
 
     def _federated_evaluation(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict):
         messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))

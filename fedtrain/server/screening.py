@@ -31,11 +31,22 @@ class Screened:
     privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
 
 
-def _name(msg: Message) -> str:
+def _name(msg: Message, known: dict[int, str]) -> str:
+    """The client's own name (from its privacy record), remembered per node for its error replies."""
+    node = msg.metadata.src_node_id
     content = None if msg.has_error() else msg.content
     if content is not None and "privacy" in content.config_records:
-        return str(content.config_records["privacy"].get("client-id", f"node-{msg.metadata.src_node_id}"))
-    return f"node-{msg.metadata.src_node_id}"
+        known[node] = str(content.config_records["privacy"].get("client-id", f"node-{node}"))
+    return known.get(node, f"node-{node}")
+
+
+def error_reason(msg: Message) -> str:
+    """One line from a Flower error reply: the exception's own message, without wrapping."""
+    lines = [line.strip() for line in (msg.error.reason or "").splitlines() if line.strip()]
+    last = lines[-1] if lines else "client error"
+    if "Message: " in last:
+        last = last.split("Message: ", 1)[1]
+    return last.rstrip("'>").strip() or "client error"
 
 
 def _check_update(update: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> str | None:
@@ -50,13 +61,15 @@ def _check_update(update: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> 
     return None
 
 
-def screen(replies: list[Message], global_arrays: dict[str, np.ndarray]) -> Screened:
-    """Accepted replies come back holding client *weights* w_t + d, ready for a Flower strategy."""
+def screen(replies: list[Message], global_arrays: dict[str, np.ndarray], known: dict[int, str]) -> Screened:
+    """Accepted replies come back holding client *weights* w_t + d, ready for a Flower strategy.
+
+    `known` maps node ids to client names; it is updated from the replies."""
     out = Screened()
     for msg in replies:
-        name = _name(msg)
+        name = _name(msg, known)
         if msg.has_error():
-            out.failed[name] = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "client error"
+            out.failed[name] = error_reason(msg)
             continue
         content = msg.content
         privacy = content.config_records.get("privacy")
