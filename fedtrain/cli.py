@@ -106,7 +106,7 @@ def simulate(
             live.update(_round_table(rows, resolved.rounds))
 
         simulation.run(resolved, on_round=on_round, verbose=verbose)
-
+    console.print()
     _print_summary(path, rows)
 
 
