@@ -158,6 +158,35 @@ def export(
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
 
 
+@app.command()
+def provision(
+    out: Annotated[Path, typer.Option("--out", help="New folder for the kits (one sub-folder per party).")],
+    server_host: Annotated[
+        list[str], typer.Option("--server-host", help="Host name or IP clients dial (repeat for several).")
+    ],
+    clients: Annotated[int, typer.Option("--clients", help="Number of client kits.")],
+    passphrase_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding a passphrase for the private keys.")
+    ] = None,
+) -> None:
+    """Write a kit per party: CA, server TLS certificate, client authentication keys, payload keys."""
+    import os
+
+    from fedtrain.security.kits import provision as make_kits
+
+    passphrase = None
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise FedtrainError(
+                f"environment variable {passphrase_env} is empty or unset; export the passphrase first."
+            )
+        passphrase = value.encode()
+    kits = make_kits(out, server_host, clients, passphrase)
+    console.print(f"wrote {len(kits)} kits under {out}: " + ", ".join(k.name for k in kits))
+    console.print(f"give each party only its own folder; keep {out / 'ca'} offline (it signs server certificates).")
+
+
 def _configured_key_file(run_dir: Path) -> str | None:
     """The key file the run was configured with (its config.toml), if any."""
     from fedtrain.config import load_toml
@@ -180,7 +209,7 @@ def main() -> None:
         user_error = find_fedtrain_error(exc)
         if user_error is None:
             raise
-        errors.print(f"[bold red]error:[/] {user_error}", highlight=False)
+        errors.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
 
 
