@@ -82,6 +82,9 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     key_file: Annotated[str | None, typer.Option(help="Model key file (default: fedtrain's key store).")] = None,
+    payload_encryption: Annotated[
+        bool | None, typer.Option("--payload-encryption", help="Encrypt every message end to end, as deployments do.")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""

@@ -65,6 +65,7 @@ class Config:
     # run
     seed: int = 0
     device: str = "auto"
+    payload_encryption: bool = False
     run_dir: str | None = None
     key_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -12,16 +12,21 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from flwr.app import Context
+
 from fedtrain.clients.app import build_client_app
+from fedtrain.clients.encryption_mod import ClientKeys
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_source
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.models import build_model
 from fedtrain.partition import simulation_shard, simulation_test_set
+from fedtrain.security.keys import generate_key
+from fedtrain.security.payload import PayloadKeys
 from fedtrain.server.app import build_server_app
 from fedtrain.server.loop import RoundCallback
 
@@ -66,6 +71,18 @@ def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
     }
 
 
+def _simulation_keys(config: Config) -> tuple[PayloadKeys, Callable[[Context], ClientKeys]]:
+    """Fresh in-memory payload keys for one simulated federation: never written to disk."""
+    federation = generate_key()
+    uplink = {f"client-{pid}": generate_key() for pid in range(config.clients)}
+
+    def keys_for(context: Context) -> ClientKeys:
+        name = f"client-{int(context.node_config['partition-id'])}"
+        return ClientKeys(name, federation, uplink[name])
+
+    return PayloadKeys(federation, uplink), keys_for
+
+
 @contextlib.contextmanager
 def _quiet_flower(verbose: bool) -> Iterator[None]:
     """Keep Flower's own log (per-round lines, deprecation notice, client tracebacks) off the console:
@@ -94,8 +111,9 @@ def run(config: Config, *, on_round: RoundCallback | None = None, verbose: bool 
         if on_round is not None:
             on_round(row)
 
-    server_app = build_server_app(config, test_set=test_set, on_round=record)
-    client_app = build_client_app(config)
+    payload_keys, keys_for = _simulation_keys(config) if config.payload_encryption else (None, None)
+    server_app = build_server_app(config, test_set=test_set, on_round=record, payload_keys=payload_keys)
+    client_app = build_client_app(config, keys_for=keys_for)
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning

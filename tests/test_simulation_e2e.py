@@ -172,3 +172,64 @@ def test_clients_failing_inside_training_stop_the_run_clearly(tmp_path, capsys, 
     assert len(rows) == 1 and rows[0]["clients_failed"] == 5 and rows[0]["clients_ok"] == 0
     assert all("boom inside training" in reason for reason in rows[0]["failed"].values())
     assert (run_dir / "checkpoint.ftenc").exists() and not (run_dir / "model.ftenc").exists()
+
+
+def test_payload_encryption_puts_only_ciphertext_on_the_wire(tmp_path, capsys, monkeypatch) -> None:
+    """Every message between ServerApp and ClientApps is one AES-GCM envelope; a relay that flips a
+    byte of one reply gets that reply rejected while the round goes on with the others."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fedtrain.config import Config
+    from fedtrain.models import build_model
+    from fedtrain.security.payload import HEADER, SEALED
+
+    wire: list[bytes] = []
+    calls = []
+    original = InMemoryGrid.send_and_receive
+
+    def relay(self, messages, *args, **kwargs):
+        calls.append(1)
+        messages = list(messages)
+        for msg in messages:
+            wire.append(_payload_bytes(msg.content))
+            assert set(msg.content.array_records) == {SEALED} and set(msg.content.config_records) == {HEADER}
+        replies = list(original(self, messages, *args, **kwargs))
+        for number, reply in enumerate(replies):
+            if reply.has_error():
+                continue
+            assert set(reply.content.array_records) == {SEALED}
+            if len(calls) == 1 and number == 0:  # round 1's train replies: tamper with the first one
+                envelope = reply.content.array_records[SEALED]["envelope"]
+                tampered = envelope.numpy().copy()
+                tampered[-3] ^= 1
+                reply.content.array_records[SEALED]["envelope"] = type(envelope)(tampered)
+            wire.append(_payload_bytes(reply.content))
+        return replies
+
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", relay)
+    run_dir = tmp_path / "run"
+    args = ["simulate", "--run-dir", str(run_dir), "--clients", "3", "--rounds", "3", "--payload-encryption"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err + out
+    rows, privacy = _load(run_dir)
+    assert rows[0]["clients_ok"] == 2 and rows[0]["clients_failed"] == 1
+    (reason,) = rows[0]["failed"].values()
+    assert "reply rejected" in reason and "failed authentication" in reason
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 3]
+    assert len(privacy["clients"]) == 3 and rows[-1]["accuracy"] > 0.5
+
+    # The initial global model (seeded) never crossed the wire in plaintext, nor did the final one.
+    config = Config(model="logistic")
+    initial = build_model(config.model, [1, 8, 8], 10, seed=config.seed).state_dict()
+    final = _export(run_dir, capsys)
+    needles = [t.numpy().astype(np.float32).tobytes()[:32] for t in [*initial.values(), *final.values()]]
+    assert len(wire) >= 3 * 3 * 4  # 3 rounds x 3 clients x (train, reply, evaluate, reply)
+    for payload in wire:
+        assert payload[:3] == b"FTE"
+        assert not any(n in payload for n in needles)
+
+
+def _payload_bytes(content) -> bytes:
+    from fedtrain.security.payload import SEALED
+
+    return content.array_records[SEALED]["envelope"].numpy().tobytes()

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtrain.clients.encryption_mod import ClientKeys, keys_from_kit, payload_encryption_mod
 from fedtrain.clients.ledger import PrivacyLedger, calibrate_noise, client_delta
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.config import Config
@@ -161,9 +163,20 @@ def handle_evaluate(msg: Message, context: Context, config: Config) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def build_client_app(config: Config | None = None) -> ClientApp:
-    """A ClientApp; with `config` it ignores the run config (in-process simulation)."""
-    client_app = ClientApp()
+def _keys_from_node_kit(context: Context) -> ClientKeys:
+    if "kit" not in context.node_config:
+        raise FedtrainError("this node has no kit: start it with `fedtrain client --kit KIT` for encrypted payloads.")
+    return keys_from_kit(str(context.node_config["kit"]))
+
+
+def build_client_app(
+    config: Config | None = None, keys_for: Callable[[Context], ClientKeys] | None = None
+) -> ClientApp:
+    """A ClientApp; with `config` it ignores the run config (in-process simulation).
+
+    With `keys_for`, every message is end-to-end encrypted (the mod wraps train and evaluate alike).
+    """
+    client_app = ClientApp(mods=[payload_encryption_mod(keys_for)] if keys_for is not None else [])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -176,4 +189,5 @@ def build_client_app(config: Config | None = None) -> ClientApp:
     return client_app
 
 
-app = build_client_app()
+# Deployment: payloads are always end-to-end encrypted with the keys of the node's kit.
+app = build_client_app(keys_for=_keys_from_node_kit)

@@ -7,7 +7,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtrain.config import Config
 from fedtrain.data import Dataset
+from fedtrain.security.payload import PayloadKeys
 from fedtrain.server.loop import Federation, RoundCallback
+from fedtrain.server.payload_sealer import PayloadSealer
 
 
 def build_server_app(
@@ -15,17 +17,20 @@ def build_server_app(
     *,
     test_set: Dataset | None = None,
     on_round: RoundCallback | None = None,
+    payload_keys: PayloadKeys | None = None,
 ) -> ServerApp:
     """A ServerApp; with `config` it ignores the run config (in-process simulation).
 
-    `test_set` enables central evaluation (simulation only: a real server holds no data).
+    `test_set` enables central evaluation (simulation only: a real server holds no data);
+    `payload_keys` turn on end-to-end payload encryption.
     """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         resolved = config if config is not None else Config.from_run_config(dict(context.run_config))
-        Federation(resolved, test_set=test_set, on_round=on_round).run(grid)
+        sealer = PayloadSealer(payload_keys, context.run_id) if payload_keys is not None else None
+        Federation(resolved, test_set=test_set, on_round=on_round, sealer=sealer).run(grid)
 
     return server_app
 

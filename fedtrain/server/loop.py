@@ -33,6 +33,7 @@ from fedtrain.models import build_model
 from fedtrain.security.keys import load_model_key
 from fedtrain.server import history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
+from fedtrain.server.payload_sealer import PayloadSealer
 from fedtrain.server.screening import ClientPrivacy, screen
 from fedtrain.strategies import make_strategy
 
@@ -53,6 +54,7 @@ class Federation:
         *,
         test_set: Dataset | None = None,
         on_round: RoundCallback | None = None,
+        sealer: PayloadSealer | None = None,
     ) -> None:
         if not config.run_dir:
             raise FedtrainError("the server needs a run directory (run_dir) to keep the model and metrics.")
@@ -62,6 +64,7 @@ class Federation:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.test_set = test_set
+        self.sealer = sealer
         self.on_round = on_round or self._log_round
         self.model_key = load_model_key(config.key_file)
         self.run_id = str(config.extra.get("run-id") or uuid.uuid4().hex)
@@ -104,12 +107,12 @@ class Federation:
 
     def _round(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> OrderedDict:
         started = time.monotonic()
-        timeout = self.config.round_timeout
         global_np = {k: v.numpy() for k, v in state.items()}
         messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies, unopened = self._exchange(grid, messages, server_round)
         screened = screen(replies, global_np, self.node_names)
-        self._note_missing(messages, replies, screened.failed, self.node_names)
+        screened.failed.update({self.node_names.get(node, f"node-{node}"): why for node, why in unopened.items()})
+        self._note_missing(messages, [*(r.metadata.src_node_id for r in replies), *unopened], screened.failed)
         self.privacy.update(screened.privacy)
         train_loss = float("nan")
         if screened.accepted:
@@ -155,21 +158,26 @@ class Federation:
             )
         return state
 
-    @staticmethod
-    def _note_missing(
-        messages: list[Message], replies: list[Message], failed: dict[str, str], names: dict[int, str]
-    ) -> None:
-        answered = {r.metadata.src_node_id for r in replies}
+    def _exchange(self, grid: Grid, messages: list[Message], server_round: int) -> tuple[list[Message], dict[int, str]]:
+        """Send and receive, sealing and opening payloads when end-to-end encryption is on."""
+        if self.sealer is not None:
+            messages = self.sealer.seal(messages, server_round)
+        replies = list(grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        if self.sealer is None:
+            return replies, {}
+        return self.sealer.open(replies, server_round)
+
+    def _note_missing(self, messages: list[Message], answered: list[int], failed: dict[str, str]) -> None:
         for msg in messages:
             node = msg.metadata.dst_node_id
             if node not in answered:
-                failed[names.get(node, f"node-{node}")] = "no reply within round_timeout"
+                failed[self.node_names.get(node, f"node-{node}")] = "no reply within round_timeout"
 
     def _federated_evaluation(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict):
         messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))
         if not messages:
             return float("nan"), float("nan")
-        replies = [r for r in grid.send_and_receive(messages, timeout=self.config.round_timeout) if not r.has_error()]
+        replies = [r for r in self._exchange(grid, messages, server_round)[0] if not r.has_error()]
         replies = [r for r in replies if float(next(iter(r.content.metric_records.values()))["num-examples"]) > 0]
         if not replies:
             return float("nan"), float("nan")
