@@ -190,6 +190,73 @@ def provision(
     console.print(f"give each party only its own folder; keep {out / 'ca'} offline (it signs server certificates).")
 
 
+def _passphrase(env_name: str | None) -> bytes | None:
+    import os
+
+    if not env_name:
+        return None
+    value = os.environ.get(env_name)
+    if not value:
+        raise FedtrainError(f"environment variable {env_name} is empty or unset; export the passphrase first.")
+    return value.encode()
+
+
+@app.command()
+def server(
+    kit: Annotated[Path, typer.Option("--kit", help="The server kit written by `fedtrain provision`.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML config (must describe the model's input).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    min_clients: Annotated[int, typer.Option(help="Clients that must be online before the run starts.")] = 2,
+    host: Annotated[str, typer.Option(help="Interface for the public Fleet port.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Public port (TLS, Fleet API only).")] = 9092,
+    run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
+    wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for min-clients.")] = 600.0,
+    database: Annotated[Path | None, typer.Option(help="SuperLink state database file (default: memory).")] = None,
+) -> None:
+    """Run a federation: SuperLink with TLS and node authentication, then the fedtrain run."""
+    from fedtrain.config import resolve
+    from fedtrain.server.deployment import ServerOptions, serve
+
+    resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
+    path = _new_run_dir(resolved.run_dir)
+    options = ServerOptions(kit, resolved, host, port, min_clients, wait_timeout, database=database)
+    rows: list[dict[str, Any]] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        rows.append(row)
+        console.print(
+            f"round {row['round']}/{resolved.rounds}: accuracy {_fmt(row['accuracy'])}, max epsilon "
+            f"{_fmt(row['epsilon_max'], 3)}, clients ok {row['clients_ok']}, refused {row['clients_refused']}, "
+            f"failed {row['clients_failed']}",
+            highlight=False,
+        )
+
+    serve(options, path, lambda text: console.print(text, highlight=False), on_round)
+    if rows:
+        _print_summary(path, rows)
+
+
+@app.command()
+def client(
+    kit: Annotated[Path, typer.Option("--kit", help="This client's kit written by `fedtrain provision`.")],
+    server_address: Annotated[str, typer.Option("--server", help="HOST:PORT of the fedtrain server.")],
+    data: Annotated[Path, typer.Option("--data", help="This client's private shard (file or image folder).")],
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    max_wait: Annotated[float, typer.Option(help="Seconds to keep trying to reach the server.")] = 60.0,
+    passphrase_env: Annotated[str | None, typer.Option(help="Variable holding the node key's passphrase.")] = None,
+) -> None:
+    """Join a federation: a SuperNode that trains on the shard at --data and never uploads it."""
+    from fedtrain.clients.deployment import ClientOptions, join
+    from fedtrain.device import resolve_device
+
+    if device:
+        resolve_device(device)
+    options = ClientOptions(kit, server_address, data, device, max_wait, _passphrase(passphrase_env))
+    join(options, lambda text: console.print(text, highlight=False))
+
+
 def _configured_key_file(run_dir: Path) -> str | None:
     """The key file the run was configured with (its config.toml), if any."""
     from fedtrain.config import load_toml
@@ -201,12 +268,26 @@ def _configured_key_file(run_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so every `finally` (child processes!) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console entry point: one sentence for user errors, a traceback only for real bugs."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
+    except Terminated:
+        errors.print("stopped (SIGTERM); child processes stopped, files written so far are complete.")
+        sys.exit(143)
     except KeyboardInterrupt:
-        errors.print("interrupted; files written so far are complete (writes are atomic).")
+        errors.print("interrupted; child processes stopped, files written so far are complete (writes are atomic).")
         sys.exit(130)
     except Exception as exc:
         user_error = find_fedtrain_error(exc)

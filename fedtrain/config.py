@@ -66,6 +66,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     payload_encryption: bool = False
+    kit: str | None = None
     run_dir: str | None = None
     key_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -152,7 +153,7 @@ class Config:
         for f in _public_fields():
             value = getattr(self, f.name)
             if value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+                lines.append(f"{f.name} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
@@ -167,13 +168,13 @@ def _is_list_field(name: str) -> bool:
     return name in ("labels", "input_shape")
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 
@@ -185,7 +186,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         kind = float
     elif name in ("num_classes",):
         kind = int
-    elif name in ("run_dir", "key_file"):
+    elif name in ("run_dir", "key_file", "kit"):
         kind = str
     try:
         if _is_list_field(name):

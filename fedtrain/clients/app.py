@@ -72,6 +72,11 @@ def client_data(config: Config, context: Context) -> tuple[Dataset, Dataset]:
     raise FedtrainError("this node has no data: start it with --data PATH (node config data-path).")
 
 
+def _device(config: Config, context: Context) -> torch.device:
+    """A real node may choose its own device (`fedtrain client --device`); otherwise the run's."""
+    return resolve_device(str(context.node_config.get("device", config.device)))
+
+
 def _model_for(config: Config, data: Dataset, arrays: ArrayRecord) -> torch.nn.Module:
     num_classes = config.num_classes or len(config.labels or []) or data.num_classes
     model = build_model(config.model, data.input_shape, num_classes, hidden=config.hidden)
@@ -135,7 +140,7 @@ def handle_train(msg: Message, context: Context, config: Config) -> Message:
     global_arrays = msg.content["arrays"]
     model = _model_for(config, train, global_arrays)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = train_round(model, train, settings, sigma, ledger, resolve_device(config.device))
+    result = train_round(model, train, settings, sigma, ledger, _device(config, context))
     ledger.record(result.entry)
     context.state[LEDGER_KEY] = ledger.to_config_record()
     # Opacus counted exactly the planned steps (it always does with Poisson sampling): reuse the projection.
@@ -157,7 +162,7 @@ def handle_evaluate(msg: Message, context: Context, config: Config) -> Message:
     torch.set_num_threads(1)
     train, held_out = client_data(config, context)
     model = _model_for(config, train, msg.content["arrays"])
-    device = resolve_device(config.device)
+    device = _device(config, context)
     loss, accuracy = evaluate(model.to(device), held_out, device) if len(held_out) else (0.0, 0.0)
     metrics = MetricRecord({"num-examples": len(held_out), "eval-loss": loss, "eval-accuracy": accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

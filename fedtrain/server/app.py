@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtrain.config import Config
 from fedtrain.data import Dataset
+from fedtrain.security.keys import read_key_file
+from fedtrain.security.kits import read_kit
 from fedtrain.security.payload import PayloadKeys
 from fedtrain.server.loop import Federation, RoundCallback
 from fedtrain.server.payload_sealer import PayloadSealer
@@ -29,10 +33,21 @@ def build_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         resolved = config if config is not None else Config.from_run_config(dict(context.run_config))
-        sealer = PayloadSealer(payload_keys, context.run_id) if payload_keys is not None else None
+        keys = payload_keys if payload_keys is not None else _kit_keys(resolved)
+        sealer = PayloadSealer(keys, context.run_id) if keys is not None else None
         Federation(resolved, test_set=test_set, on_round=on_round, sealer=sealer).run(grid)
 
     return server_app
+
+
+def _kit_keys(config: Config) -> PayloadKeys | None:
+    """Deployment: the server kit's federation key and every client's uplink key."""
+    if not config.kit:
+        return None
+    kit = Path(config.kit)
+    info = read_kit(kit, "server")
+    uplink = {name: read_key_file(kit / "clients" / f"{name}.uplink.key") for name in info["clients"]}
+    return PayloadKeys(read_key_file(kit / "federation.key"), uplink)
 
 
 app = build_server_app()

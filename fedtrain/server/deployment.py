@@ -1,0 +1,241 @@
+"""`fedtrain server`: a real federation on Flower's Deployment Engine.
+
+1. A SuperLink with TLS and SuperNode authentication, on a loopback port only this process knows.
+2. The Fleet gateway on the public port: TLS, Fleet API only (see fleet_gateway.py).
+3. The kit's client keys registered, then a wait (bounded) for `min_clients` SuperNodes online.
+4. The fedtrain run submitted as a FAB holding only a pyproject.toml: its components name the
+   installed fedtrain apps and its [tool.flwr.app.config] is the resolved config, so no code ships.
+5. Progress from the run directory's metrics.json, status from the SuperLink; exit 0 only when the
+   run finished as completed. Every child is stopped on the way out, also on errors and signals.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtrain.config import Config, toml_value
+from fedtrain.errors import FedtrainError
+from fedtrain.fileio import atomic_write_text
+from fedtrain.processes import (
+    ManagedProcess,
+    check_port_free,
+    flower_env,
+    free_port,
+    run_tool,
+    tool,
+    wait_for_port,
+)
+from fedtrain.security.kits import read_kit
+from fedtrain.server.fleet_gateway import FleetGateway
+from fedtrain.server.history import METRICS_JSON
+
+CONNECTION = "fedtrain"
+POLL_SECONDS = 2.0
+
+
+@dataclass
+class ServerOptions:
+    kit: Path
+    config: Config
+    host: str = "0.0.0.0"
+    port: int = 9092
+    min_clients: int = 2
+    wait_timeout: float = 600.0
+    run_timeout: float = 24 * 3600.0
+    database: Path | None = None
+
+
+def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
+    """The run's config: the model must be described (a server holds no data), keys from the kit."""
+    config = options.config
+    if not config.input_shape or not (config.num_classes or config.labels):
+        raise FedtrainError(
+            "a server holds no data, so the config must give input_shape and num_classes (or labels); "
+            "add them to the --config file."
+        )
+    kit = options.kit.resolve()
+    return config.replace(
+        run_dir=str(run_dir.resolve()), key_file=str(kit / "model.key"), kit=str(kit), clients=options.min_clients
+    )
+
+
+def write_app(app_dir: Path, config: Config) -> Path:
+    """A FAB source with no code: components point at the installed fedtrain, config is the run's."""
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        'name = "fedtrain-run"',
+        'version = "1.0.0"',
+        'description = "A fedtrain federated run"',
+        'license = "Apache-2.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedtrain"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedtrain.server.app:app"',
+        'clientapp = "fedtrain.clients.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {toml_value(value)}" for key, value in config.to_run_config().items()),
+    ]
+    atomic_write_text(app_dir / "pyproject.toml", "\n".join(lines) + "\n")
+    return app_dir
+
+
+def _flwr_json(args: list[str], env: dict[str, str], timeout: float = 60) -> dict[str, Any]:
+    result = run_tool([tool("flwr"), *args, "--format", "json"], env, timeout)
+    try:
+        data = json.loads(result.stdout[result.stdout.index("{") :])
+    except (ValueError, json.JSONDecodeError):
+        data = {}
+    if result.returncode != 0 or not data.get("success", False):
+        detail = (data.get("error-message") or result.stderr or result.stdout).strip().splitlines()
+        raise FedtrainError(
+            f"`flwr {args[0]} {args[1] if len(args) > 1 else ''}` failed: {detail[-1] if detail else 'no output'}."
+        )
+    return data
+
+
+class Server:
+    """One `fedtrain server` invocation; use as a context manager so every child is stopped."""
+
+    def __init__(self, options: ServerOptions, run_dir: Path, say: Callable[[str], None]) -> None:
+        self.options = options
+        self.run_dir = run_dir
+        self.say = say
+        self.info = read_kit(options.kit, "server")
+        self.config = deployment_config(options, run_dir)
+        self.kit = options.kit.resolve()
+        self.superlink: ManagedProcess | None = None
+        self.gateway: FleetGateway | None = None
+        self.flwr_home = run_dir / ".flwr"
+        self.env = flower_env(self.flwr_home)
+        self.internal_port = 0
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        if self.superlink is not None:
+            self.superlink.stop()
+            self.superlink = None
+
+    def start(self) -> None:
+        check_port_free(self.options.host, self.options.port)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.internal_port = free_port()
+        self.flwr_home.mkdir(mode=0o700, exist_ok=True)
+        atomic_write_text(
+            self.flwr_home / "config.toml",
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.internal_port}"\nroot-certificates = "{self.kit / "ca.crt"}"\n',
+        )
+        argv = [
+            tool("flower-superlink"),
+            "--ssl-ca-certfile", str(self.kit / "ca.crt"),
+            "--ssl-certfile", str(self.kit / "server.crt"),
+            "--ssl-keyfile", str(self.kit / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1",
+            "--port", str(self.internal_port),
+        ]  # fmt: skip
+        if self.options.database is not None:
+            argv += ["--database", str(self.options.database)]
+        self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log")
+        wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
+        self.gateway = FleetGateway(
+            self.options.host, self.options.port, self.internal_port,
+            self.kit / "server.crt", self.kit / "server.key", self.kit / "ca.crt",
+        )  # fmt: skip
+        self.gateway.start()
+        self.say(
+            f"SuperLink ready; Fleet API (TLS, authenticated nodes only) on {self.options.host}:{self.options.port}"
+        )
+
+    def register_clients(self) -> None:
+        for name in self.info["clients"]:
+            _flwr_json(["supernode", "register", str(self.kit / "clients" / f"{name}.pub"), CONNECTION], self.env)
+        self.say(f"registered {len(self.info['clients'])} client keys: {', '.join(self.info['clients'])}")
+
+    def wait_for_clients(self) -> None:
+        deadline = time.monotonic() + self.options.wait_timeout
+        wanted, last = self.options.min_clients, -1
+        while True:
+            nodes = _flwr_json(["supernode", "list", CONNECTION], self.env)["nodes"]
+            online = sum(1 for node in nodes if node.get("status") == "online")
+            if online != last:
+                self.say(f"{online}/{wanted} clients online")
+                last = online
+            if online >= wanted:
+                return
+            if time.monotonic() > deadline:
+                raise FedtrainError(
+                    f"only {online} of {wanted} clients came online within {self.options.wait_timeout:.0f} s; "
+                    "check that the clients can reach this server and use kits from this federation."
+                )
+            time.sleep(POLL_SECONDS)
+
+    def submit(self) -> str:
+        app_dir = write_app(self.run_dir / "app", self.config)
+        data = _flwr_json(["run", str(app_dir), CONNECTION], self.env, timeout=120)
+        run_id = str(data["run-id"])
+        self.say(f"submitted run {run_id}; run directory {self.run_dir}")
+        return run_id
+
+    def follow(self, run_id: str, on_round: Callable[[dict[str, Any]], None]) -> str:
+        """Report rounds as the ServerApp records them; return the final status."""
+        deadline = time.monotonic() + self.options.run_timeout
+        seen = 0
+        while True:
+            seen = self._report_new_rounds(seen, on_round)
+            runs = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)["runs"]
+            status = str(runs[0].get("status", "unknown")) if runs else "unknown"
+            if status.startswith("finished"):
+                self._report_new_rounds(seen, on_round)
+                return status
+            if self.superlink is not None and not self.superlink.alive:
+                raise FedtrainError(
+                    f"the SuperLink exited with code {self.superlink.returncode}; see {self.superlink.log_path}."
+                )
+            if time.monotonic() > deadline:
+                raise FedtrainError(f"run {run_id} did not finish within {self.options.run_timeout:.0f} s.")
+            time.sleep(POLL_SECONDS)
+
+    def _report_new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None]) -> int:
+        try:
+            rows = json.loads((self.run_dir / METRICS_JSON).read_text())
+        except (OSError, json.JSONDecodeError):
+            return seen
+        for row in rows[seen:]:
+            on_round(row)
+        return len(rows)
+
+
+def serve(options: ServerOptions, run_dir: Path, say: Callable[[str], None], on_round: Callable[[dict], None]) -> None:
+    """Run the whole federation; raises FedtrainError unless the run finished as completed."""
+    with Server(options, run_dir, say) as server:
+        server.start()
+        server.register_clients()
+        server.wait_for_clients()
+        run_id = server.submit()
+        status = server.follow(run_id, on_round)
+        if "completed" not in status:
+            raise FedtrainError(f"run {run_id} ended as {status}; see {run_dir / 'superlink.log'}.")
+        say(f"run {run_id} {status}")
