@@ -280,7 +280,7 @@ def main() -> None:
     """Console entry point: one sentence for user errors, a traceback only for real bugs."""
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except Terminated:
@@ -295,6 +295,8 @@ def main() -> None:
             raise
         errors.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def explain_exit(code: int | None, log: str) -> str:
         return "the server's TLS certificate is not signed by this kit's CA; use the kit of this federation"
     if "WRONG_VERSION_NUMBER" in log or "wrong version number" in log.lower():
         return "the server does not speak TLS on that port (is it an --insecure server?)"
-    if re.search(r"not (be )?registered|NODE_NOT_FOUND|PERMISSION_DENIED|public key", log, re.IGNORECASE):
+    if re.search(r"Failed to activate|not (be )?registered|NODE_NOT_FOUND|PERMISSION_DENIED", log, re.IGNORECASE):
         return "the server does not accept this client's key; is the client registered in this federation?"
     if any(marker in log for marker in GIVE_UP) or "Connection refused" in log or "ConnectError" in log:
         return "the server cannot be reached; check --server and that `fedtrain server` is running"

@@ -2,7 +2,8 @@
 
 1. A SuperLink with TLS and SuperNode authentication, on a loopback port only this process knows.
 2. The Fleet gateway on the public port: TLS, Fleet API only (see fleet_gateway.py).
-3. The kit's client keys registered, then a wait (bounded) for `min_clients` SuperNodes online.
+   The kit's client keys are registered before the gateway opens.
+3. A wait (bounded) for `min_clients` SuperNodes online.
 4. The fedtrain run submitted as a FAB holding only a pyproject.toml: its components name the
    installed fedtrain apps and its [tool.flwr.app.config] is the resolved config, so no code ships.
 5. Progress from the run directory's metrics.json, status from the SuperLink; exit 0 only when the
@@ -160,6 +161,7 @@ class Server:
             argv += ["--database", str(self.options.database)]
         self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log")
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
+        self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal
         self.gateway = FleetGateway(
             self.options.host, self.options.port, self.internal_port,
             self.kit / "server.crt", self.kit / "server.key", self.kit / "ca.crt",
@@ -232,7 +234,6 @@ def serve(options: ServerOptions, run_dir: Path, say: Callable[[str], None], on_
     """Run the whole federation; raises FedtrainError unless the run finished as completed."""
     with Server(options, run_dir, say) as server:
         server.start()
-        server.register_clients()
         server.wait_for_clients()
         run_id = server.submit()
         status = server.follow(run_id, on_round)

@@ -1,0 +1,152 @@
+"""A real federation of separate processes on 127.0.0.1: `fedtrain server` and three `fedtrain client`
+processes with kits from `fedtrain provision`. Every process is stopped by the test, also on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import PRVAccountant
+
+from fedtrain.processes import free_port
+from fedtrain.security.kits import provision
+
+pytestmark = pytest.mark.e2e
+FEDTRAIN = str(Path(sys.executable).with_name("fedtrain"))
+
+
+class Processes:
+    """Children in their own process groups; `stop_all` terminates, then kills, every group."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.children = env, logs, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        child = subprocess.Popen([FEDTRAIN, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.children.append((child, log))
+        return child
+
+    def output(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for child, _ in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child, log in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            log.close()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def federation(tmp_path: Path):
+    kits = tmp_path / "kits"
+    provision(kits, ["127.0.0.1"], 3)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(3):
+        part = slice(i * 500, (i + 1) * 500)
+        np.savez(tmp_path / f"shard{i + 1}.npz", x=(digits.images[part] * 16).astype(np.uint8), y=digits.target[part])
+    (tmp_path / "fed.toml").write_text(
+        'rounds = 2\ninput_shape = [1, 8, 8]\nlabels = ["0","1","2","3","4","5","6","7","8","9"]\n'
+        "eval_fraction = 0.1\nround_timeout = 120.0\n"
+    )
+    env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    procs = Processes(env, tmp_path)
+    try:
+        yield tmp_path, procs
+    finally:
+        procs.stop_all()
+
+
+def _post(port: int, path: str, ca: Path) -> int:
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)), timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(federation, capsys) -> None:
+    tmp, procs = federation
+    port = free_port()
+    database = tmp / "state.db"
+    server = procs.start(
+        "server", "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "fed.toml"),
+        "--min-clients", "3", "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp / "run"),
+        "--database", str(database), "--wait-timeout", "120",
+    )  # fmt: skip
+    _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
+    assert server.poll() is None, procs.output("server")
+
+    # An outsider on the public port: it speaks TLS, and nothing but the Fleet API is there.
+    ca = tmp / "kits" / "client-1" / "ca.crt"
+    assert _post(port, "/v1/control/start-run", ca) == 403
+    assert _post(port, "/v1/control/register-node", ca) == 403
+    assert _post(port, "/v1/control/list-runs", ca) == 403
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP gets no answer
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/fleet/get-run", data=b"{}", timeout=10)
+
+    for i in (1, 2, 3):
+        procs.start(f"client-{i}", "client", "--kit", str(tmp / "kits" / f"client-{i}"), "--server",
+                    f"127.0.0.1:{port}", "--data", str(tmp / f"shard{i}.npz"))  # fmt: skip
+    try:
+        server.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("server did not finish:\n" + procs.output("server")) from None
+    out = procs.output("server")
+    assert server.returncode == 0, out
+    assert "finished:completed" in out and "3/3 clients online" in out
+
+    run = tmp / "run"
+    rows = json.loads((run / "metrics.json").read_text())
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert [r["clients_ok"] for r in rows] == [3, 3]
+    assert 0.3 <= rows[-1]["federated_accuracy"] <= 0.97
+    assert set(privacy["clients"]) == {"client-1", "client-2", "client-3"}
+    for client in privacy["clients"].values():
+        assert len(client["ledger"]) == 2
+        reference = PRVAccountant()
+        reference.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in client["ledger"]]
+        assert client["epsilon"] == pytest.approx(reference.get_epsilon(delta=client["delta"]), rel=0.01)
+        assert client["epsilon"] <= 3.0
+
+    # Neither the SuperLink's database nor any file the server wrote holds the weights in plaintext.
+    exported = tmp / "model.pt"
+    subprocess.run([FEDTRAIN, "export", str(run), "--out", str(exported)], env=procs.env, check=True, timeout=120)
+    weights = torch.load(exported, weights_only=True)
+    needles = [t.numpy().astype(np.float32).tobytes()[:32] for t in weights.values()]
+    scanned = [p for p in [*run.rglob("*"), *tmp.glob("state.db*")] if p.is_file()]
+    assert any(p.name == "state.db" for p in scanned)
+    for path in scanned:
+        data = path.read_bytes()
+        assert not any(n in data for n in needles), f"plaintext weights in {path}"
