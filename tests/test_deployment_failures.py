@@ -1,0 +1,129 @@
+"""Clear, fast failures of a real federation: each a one-sentence error within a bounded time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtrain.processes import free_port
+from fedtrain.security import pki
+from fedtrain.security.kits import provision
+from tests.test_deployment_e2e import Processes, _wait_for
+
+pytestmark = pytest.mark.e2e
+FEDTRAIN = str(Path(sys.executable).with_name("fedtrain"))
+
+
+@pytest.fixture(scope="module")
+def running_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fed")
+    provision(tmp / "kits", ["127.0.0.1"], 2)
+    provision(tmp / "other", ["127.0.0.1"], 1)  # another federation: another CA
+    np.savez(tmp / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
+    (tmp / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
+    env = {**os.environ, "FEDTRAIN_HOME": str(tmp / "home"), "COLUMNS": "200"}
+    procs = Processes(env, tmp)
+    port = free_port()
+    server = procs.start(
+        "server", "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "fed.toml"),
+        "--min-clients", "2", "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp / "run"),
+        "--wait-timeout", "600",
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
+        assert server.poll() is None, procs.output("server")
+        yield tmp, port, env
+    finally:
+        procs.stop_all()
+
+
+def _client(env: dict, kit: Path, server: str, data: Path, timeout: float = 90, *extra: str):
+    started = time.monotonic()
+    result = subprocess.run(
+        [FEDTRAIN, "client", "--kit", str(kit), "--server", server, "--data", str(data), *extra],
+        env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True,
+    )  # fmt: skip
+    return result, time.monotonic() - started
+
+
+def _one_sentence(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+
+
+def test_client_with_another_federations_ca(running_server) -> None:
+    tmp, port, env = running_server
+    result, seconds = _client(env, tmp / "other" / "client-1", f"127.0.0.1:{port}", tmp / "shard.npz")
+    _one_sentence(result, "not signed by this kit's CA")
+    assert seconds < 60
+
+
+def test_client_whose_key_is_not_registered(running_server, tmp_path) -> None:
+    tmp, port, env = running_server
+    kit = tmp_path / "client-x"
+    shutil.copytree(tmp / "kits" / "client-1", kit)
+    (kit / "node.key").write_bytes(pki.private_openssh(pki.new_key()))  # a key the server never registered
+    os.chmod(kit / "node.key", 0o600)
+    result, seconds = _client(env, kit, f"127.0.0.1:{port}", tmp / "shard.npz")
+    _one_sentence(result, "does not accept this client's key")
+    assert seconds < 60
+
+
+def test_server_unreachable(running_server) -> None:
+    tmp, _, env = running_server
+    result, seconds = _client(env, tmp / "kits" / "client-1", f"127.0.0.1:{free_port()}", tmp / "shard.npz", 90,
+                              "--max-wait", "5")  # fmt: skip
+    _one_sentence(result, "cannot be reached")
+    assert seconds < 60
+
+
+def test_bad_shard_fails_before_connecting(running_server) -> None:
+    tmp, port, env = running_server
+    (tmp / "bad.csv").write_text("a,label\nx,1\n")
+    result, seconds = _client(env, tmp / "kits" / "client-1", f"127.0.0.1:{port}", tmp / "bad.csv")
+    _one_sentence(result, "'x' is not a number")
+    assert seconds < 30
+
+
+def test_server_port_in_use(running_server) -> None:
+    tmp, _, env = running_server
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [FEDTRAIN, "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "fed.toml"),
+             "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp / "run-busy")],
+            env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+        )  # fmt: skip
+    _one_sentence(result, f"port {port} on 127.0.0.1 is in use")
+
+
+def test_server_without_model_description(running_server) -> None:
+    tmp, _, env = running_server
+    (tmp / "empty.toml").write_text("rounds = 1\n")
+    result = subprocess.run(
+        [FEDTRAIN, "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "empty.toml"),
+         "--host", "127.0.0.1", "--port", str(free_port()), "--run-dir", str(tmp / "run-empty")],
+        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    _one_sentence(result, "must give input_shape and num_classes")
+
+
+def test_client_kit_given_to_server(running_server) -> None:
+    tmp, _, env = running_server
+    result = subprocess.run(
+        [FEDTRAIN, "server", "--kit", str(tmp / "kits" / "client-1"), "--config", str(tmp / "fed.toml"),
+         "--host", "127.0.0.1", "--port", str(free_port()), "--run-dir", str(tmp / "run-kit")],
+        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    _one_sentence(result, "is a client kit, not a server kit")
