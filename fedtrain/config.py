@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtrain.errors import FedtrainError
+from fedtrain.fileio import read_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -239,12 +240,7 @@ def from_mapping(values: dict[str, Any], source: str) -> Config:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a flat dict (dashes or underscores accepted)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FedtrainError(f"config file {path} does not exist; check the path.") from None
-    except OSError as exc:
-        raise FedtrainError(f"cannot read config file {path} ({exc.strerror}).") from None
+    raw = read_bytes(path, "config file", "check the path")
     try:
         table = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -7,6 +7,19 @@ import os
 import tempfile
 from pathlib import Path
 
+from fedtrain.errors import FedtrainError
+
+
+def read_bytes(path: str | Path, what: str, missing_hint: str) -> bytes:
+    """Read a file the user pointed to; a missing or unreadable one is a one-sentence error."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FedtrainError(f"{what} {path} does not exist; {missing_hint}.") from None
+    except OSError as exc:
+        raise FedtrainError(f"cannot read {what} {path} ({exc.strerror}).") from None
+
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` via temp file + fsync + rename (+ fsync of the folder)."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedtrain.errors import FedtrainError
-from fedtrain.fileio import atomic_write_bytes
+from fedtrain.fileio import atomic_write_bytes, read_bytes
 from fedtrain.security.envelope import open_sealed, seal
 
 
@@ -21,11 +20,5 @@ def write_encrypted(path: str | Path, plaintext: bytes, key: bytes, associated_d
 
 def read_encrypted(path: str | Path, key: bytes, associated_data: bytes) -> bytes:
     """Read and open an encrypted file; every failure is a clear FedtrainError."""
-    path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise FedtrainError(f"encrypted file {path} does not exist; check the run directory.") from None
-    except OSError as exc:
-        raise FedtrainError(f"cannot read {path} ({exc.strerror}).") from None
+    blob = read_bytes(path, "encrypted file", "check the run directory")
     return open_sealed(key, blob, associated_data, what=f"encrypted file {path}")
