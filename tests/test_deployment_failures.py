@@ -127,3 +127,39 @@ def test_client_kit_given_to_server(running_server) -> None:
         env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
     )  # fmt: skip
     _one_sentence(result, "is a client kit, not a server kit")
+
+
+def test_wrong_payload_key_is_rejected_and_the_round_goes_on(running_server) -> None:
+    """Runs last in this module: the waiting server gets its two clients, one of them with an uplink
+    key the server does not have. Its reply is rejected with the reason; the run completes."""
+    import json
+    import signal
+
+    tmp, port, env = running_server
+    kit = tmp / "client-2-wrong-key"
+    shutil.copytree(tmp / "kits" / "client-2", kit)
+    from fedtrain.security.keys import encode_key, generate_key
+
+    (kit / "uplink.key").write_text(encode_key(generate_key()) + "\n")
+    os.chmod(kit / "uplink.key", 0o600)
+    clients = [
+        subprocess.Popen(
+            [FEDTRAIN, "client", "--kit", str(k), "--server", f"127.0.0.1:{port}", "--data", str(tmp / "shard.npz")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        for k in (tmp / "kits" / "client-1", kit)
+    ]
+    try:
+        _wait_for(lambda: (tmp / "run" / "model.ftenc").exists(), 240, "the run to finish")
+    finally:
+        for child in clients:
+            os.killpg(child.pid, signal.SIGTERM)
+        for child in clients:
+            child.wait(timeout=30)
+    (row,) = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert row["clients_ok"] == 1 and row["clients_failed"] == 1
+    (reason,) = row["failed"].values()
+    assert "reply rejected" in reason and "encrypted with a different key" in reason
