@@ -190,6 +190,16 @@ def provision(
     console.print(f"give each party only its own folder; keep {out / 'ca'} offline (it signs server certificates).")
 
 
+def _warn_insecure(role: str) -> None:
+    errors.print(
+        f"[bold red]WARNING: --insecure {role}: no TLS and no node authentication. Anyone on the network can "
+        "read the traffic metadata and join as a node. Payloads stay end-to-end encrypted, but use this only "
+        "for local experiments.[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _passphrase(env_name: str | None) -> bytes | None:
     import os
 
@@ -214,14 +224,19 @@ def server(
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for min-clients.")] = 600.0,
     database: Annotated[Path | None, typer.Option(help="SuperLink state database file (default: memory).")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
+    ] = False,
 ) -> None:
     """Run a federation: SuperLink with TLS and node authentication, then the fedtrain run."""
     from fedtrain.config import resolve
     from fedtrain.server.deployment import ServerOptions, serve
 
+    if insecure:
+        _warn_insecure("server")
     resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
     path = _new_run_dir(resolved.run_dir)
-    options = ServerOptions(kit, resolved, host, port, min_clients, wait_timeout, database=database)
+    options = ServerOptions(kit, resolved, host, port, min_clients, wait_timeout, database=database, insecure=insecure)
     rows: list[dict[str, Any]] = []
 
     def on_round(row: dict[str, Any]) -> None:
@@ -246,14 +261,19 @@ def client(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     max_wait: Annotated[float, typer.Option(help="Seconds to keep trying to reach the server.")] = 60.0,
     passphrase_env: Annotated[str | None, typer.Option(help="Variable holding the node key's passphrase.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
+    ] = False,
 ) -> None:
     """Join a federation: a SuperNode that trains on the shard at --data and never uploads it."""
     from fedtrain.clients.deployment import ClientOptions, join
     from fedtrain.device import resolve_device
 
+    if insecure:
+        _warn_insecure("client")
     if device:
         resolve_device(device)
-    options = ClientOptions(kit, server_address, data, device, max_wait, _passphrase(passphrase_env))
+    options = ClientOptions(kit, server_address, data, device, max_wait, _passphrase(passphrase_env), insecure)
     join(options, lambda text: console.print(text, highlight=False))
 
 
@@ -272,7 +292,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so every `finally` (child processes!) runs."""
 
 
+_TERMINATED: list[bool] = []
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    _TERMINATED.append(True)  # click may re-wrap the exception; the flag survives
     raise Terminated()
 
 
@@ -283,12 +307,14 @@ def main() -> None:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
-    except Terminated:
-        errors.print("stopped (SIGTERM); child processes stopped, files written so far are complete.")
-        sys.exit(143)
-    except KeyboardInterrupt:
-        errors.print("interrupted; child processes stopped, files written so far are complete (writes are atomic).")
-        sys.exit(130)
+    except (KeyboardInterrupt, SystemExit) as exc:  # typer turns Ctrl-C into SystemExit(130)
+        if _TERMINATED:
+            errors.print("stopped (SIGTERM); child processes stopped, files written so far are complete.")
+            sys.exit(143)
+        if isinstance(exc, KeyboardInterrupt) or exc.code == 130:
+            errors.print("interrupted; child processes stopped, files written so far are complete.")
+            sys.exit(130)
+        raise
     except Exception as exc:
         user_error = find_fedtrain_error(exc)
         if user_error is None:

@@ -129,6 +129,41 @@ def test_client_kit_given_to_server(running_server) -> None:
     _one_sentence(result, "is a client kit, not a server kit")
 
 
+def test_client_without_tls_against_a_tls_server(running_server) -> None:
+    tmp, port, env = running_server
+    result, seconds = _client(env, tmp / "kits" / "client-1", f"127.0.0.1:{port}", tmp / "shard.npz", 90,
+                              "--insecure", "--max-wait", "5")  # fmt: skip
+    _one_sentence(result, "without TLS; the server probably requires TLS: drop --insecure")
+    assert "WARNING: --insecure client" in result.stderr
+    assert seconds < 60
+
+
+def test_insecure_server_must_be_asked_for_warns_and_still_locks_the_control_plane(tmp_path) -> None:
+    import signal
+    import urllib.error
+    import urllib.request
+
+    provision(tmp_path / "kits", ["127.0.0.1"], 1)
+    (tmp_path / "fed.toml").write_text("rounds = 1\ninput_shape = [4]\nnum_classes = 2\n")
+    env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    procs = Processes(env, tmp_path)
+    port = free_port()
+    try:
+        server = procs.start("server", "server", "--kit", str(tmp_path / "kits" / "server"), "--config",
+                             str(tmp_path / "fed.toml"), "--host", "127.0.0.1", "--port", str(port), "--run-dir",
+                             str(tmp_path / "run"), "--insecure")  # fmt: skip
+        _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
+        assert "WARNING: --insecure server" in procs.output("server")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/control/start-run", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 403
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=30) == 143
+    finally:
+        procs.stop_all()
+
+
 def test_wrong_payload_key_is_rejected_and_the_round_goes_on(running_server) -> None:
     """Runs last in this module: the waiting server gets its two clients, one of them with an uplink
     key the server does not have. Its reply is rejected with the reason; the run completes."""

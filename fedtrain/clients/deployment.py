@@ -36,6 +36,7 @@ class ClientOptions:
     device: str | None = None
     max_wait: float = 60.0
     passphrase: bytes | None = None
+    insecure: bool = False
 
 
 def _check_server(address: str) -> None:
@@ -89,11 +90,15 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
         node_config = f"data-path='{data}' kit='{kit}' client-name='{info['name']}'"
         if options.device:
             node_config += f" device='{options.device}'"
+        security = (
+            ["--insecure"]
+            if options.insecure
+            else ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(key)]
+        )
         argv = [
             tool("flower-supernode"),
             "--superlink", options.server,
-            "--root-certificates", str(kit / "ca.crt"),
-            "--auth-supernode-private-key", str(key),
+            *security,
             "--node-config", node_config,
             "--host", "127.0.0.1",
             "--port", str(free_port()),
@@ -102,6 +107,13 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
         node = ManagedProcess("SuperNode", argv, flower_env(state / "flwr"), state / "supernode.log")
         try:
             _supervise(node, say, info["name"], options.server, stop_after)
+        except FedtrainError as exc:
+            if options.insecure and "cannot be reached" in str(exc):
+                raise FedtrainError(
+                    f"{info['name']} could not talk to {options.server} without TLS; the server probably requires "
+                    "TLS: drop --insecure."
+                ) from None
+            raise
         finally:
             node.stop()
 

@@ -49,6 +49,7 @@ class ServerOptions:
     wait_timeout: float = 600.0
     run_timeout: float = 24 * 3600.0
     database: Path | None = None
+    insecure: bool = False
 
 
 def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
@@ -142,17 +143,23 @@ class Server:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.internal_port = free_port()
         self.flwr_home.mkdir(mode=0o700, exist_ok=True)
+        insecure = self.options.insecure
+        trust = "insecure = true" if insecure else f'root-certificates = "{self.kit / "ca.crt"}"'
         atomic_write_text(
             self.flwr_home / "config.toml",
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.internal_port}"\nroot-certificates = "{self.kit / "ca.crt"}"\n',
+            f'address = "127.0.0.1:{self.internal_port}"\n{trust}\n',
         )
+        tls = (self.kit / "server.crt", self.kit / "server.key", self.kit / "ca.crt")
+        security = (
+            ["--insecure"]  # Flower's node authentication needs TLS: insecure means unauthenticated nodes
+            if insecure
+            else ["--ssl-ca-certfile", str(tls[2]), "--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]),
+                  "--enable-supernode-auth"]
+        )  # fmt: skip
         argv = [
             tool("flower-superlink"),
-            "--ssl-ca-certfile", str(self.kit / "ca.crt"),
-            "--ssl-certfile", str(self.kit / "server.crt"),
-            "--ssl-keyfile", str(self.kit / "server.key"),
-            "--enable-supernode-auth",
+            *security,
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
             "--port", str(self.internal_port),
@@ -161,15 +168,12 @@ class Server:
             argv += ["--database", str(self.options.database)]
         self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log")
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
-        self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal
-        self.gateway = FleetGateway(
-            self.options.host, self.options.port, self.internal_port,
-            self.kit / "server.crt", self.kit / "server.key", self.kit / "ca.crt",
-        )  # fmt: skip
+        if not insecure:
+            self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal
+        self.gateway = FleetGateway(self.options.host, self.options.port, self.internal_port, None if insecure else tls)
         self.gateway.start()
-        self.say(
-            f"SuperLink ready; Fleet API (TLS, authenticated nodes only) on {self.options.host}:{self.options.port}"
-        )
+        mode = "NO TLS, unauthenticated nodes" if insecure else "TLS, authenticated nodes only"
+        self.say(f"SuperLink ready; Fleet API ({mode}) on {self.options.host}:{self.options.port}")
 
     def register_clients(self) -> None:
         for name in self.info["clients"]:

@@ -30,10 +30,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 log = logging.getLogger("fedtrain")
 
 
-def _app(upstream: str, ca_file: Path) -> Starlette:
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.check_hostname = False  # the upstream is our own child on loopback; the CA still must match
-    client = httpx.AsyncClient(base_url=upstream, verify=context, timeout=httpx.Timeout(120.0))
+def _app(upstream: str, ca_file: Path | None) -> Starlette:
+    verify: ssl.SSLContext | bool = False  # --insecure: plain HTTP to a plain SuperLink on loopback
+    if ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(ca_file))
+        verify.check_hostname = False  # the upstream is our own child on loopback; the CA still must match
+    client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(120.0))
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -51,16 +53,16 @@ def _app(upstream: str, ca_file: Path) -> Starlette:
 class FleetGateway:
     """Runs the gateway in a background thread of the fedtrain server process."""
 
-    def __init__(
-        self, host: str, port: int, upstream_port: int, cert: Path, key: Path, ca: Path, key_password: str | None = None
-    ) -> None:
+    def __init__(self, host: str, port: int, upstream_port: int, tls: tuple[Path, Path, Path] | None) -> None:
+        """`tls` is (certificate, key, CA); None only for an explicit --insecure server."""
+        cert, key, ca = tls if tls is not None else (None, None, None)
+        scheme = "https" if tls is not None else "http"
         config = uvicorn.Config(
-            _app(f"https://127.0.0.1:{upstream_port}", ca),
+            _app(f"{scheme}://127.0.0.1:{upstream_port}", ca),
             host=host,
             port=port,
-            ssl_certfile=str(cert),
-            ssl_keyfile=str(key),
-            ssl_keyfile_password=key_password,
+            ssl_certfile=str(cert) if cert else None,
+            ssl_keyfile=str(key) if key else None,
             log_level="warning",
             access_log=False,
             lifespan="off",
