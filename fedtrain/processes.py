@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,6 +39,18 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, for a child to bind a moment later.
+
+    Chosen below Linux's ephemeral range (32768+) so that outgoing connections, which take their
+    source ports from that range, cannot grab it in between."""
+    for _ in range(50):
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -140,6 +140,11 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
         assert client["epsilon"] == pytest.approx(reference.get_epsilon(delta=client["delta"]), rel=0.01)
         assert client["epsilon"] <= 3.0
 
+    # Each client keeps its ledger on its own disk, encrypted, so a restart cannot reset its epsilon.
+    for name in ("client-1", "client-2", "client-3"):
+        (stored,) = (tmp / "home" / "ledgers" / name).glob("run-*.ftenc")
+        assert stored.read_bytes()[:3] == b"FTE"
+
     # Neither the SuperLink's database nor any file the server wrote holds the weights in plaintext.
     exported = tmp / "model.pt"
     subprocess.run([FEDTRAIN, "export", str(run), "--out", str(exported)], env=procs.env, check=True, timeout=120)

@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtrain.clients import ledger_store
 from fedtrain.clients.encryption_mod import ClientKeys, keys_from_kit, payload_encryption_mod
 from fedtrain.clients.ledger import PrivacyLedger, calibrate_noise, client_delta
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
@@ -115,9 +116,25 @@ def _privacy_record(cid: str, ledger: PrivacyLedger, epsilon: float) -> ConfigRe
     return record
 
 
+def _restore_from_disk(context: Context) -> ClientKeys | None:
+    """A real node (it has a kit) restores its ledger from its own disk after a restart."""
+    if "kit" not in context.node_config:
+        return None
+    keys = keys_from_kit(str(context.node_config["kit"]))
+    if LEDGER_KEY not in context.state:
+        stored = ledger_store.load(keys.name, context.run_id, keys.uplink)
+        if stored is not None:
+            ledger, plan = stored
+            context.state[LEDGER_KEY] = ledger.to_config_record()
+            if plan:
+                context.state[PLAN_KEY] = ConfigRecord(plan)
+    return keys
+
+
 def handle_train(msg: Message, context: Context, config: Config) -> Message:
     torch.set_num_threads(1)  # simulated clients share the cores; one thread each is fastest
     cid = client_id(context)
+    disk_keys = _restore_from_disk(context)
     train, _ = client_data(config, context)
     settings = TrainSettings(config.batch_size, config.local_epochs, config.lr, config.momentum, config.max_grad_norm)
     ledger = _ledger(context, len(train), config)
@@ -143,6 +160,9 @@ def handle_train(msg: Message, context: Context, config: Config) -> Message:
     result = train_round(model, train, settings, sigma, ledger, _device(config, context))
     ledger.record(result.entry)
     context.state[LEDGER_KEY] = ledger.to_config_record()
+    if disk_keys is not None:
+        plan_record = context.state[PLAN_KEY] if PLAN_KEY in context.state else ConfigRecord()
+        ledger_store.save(disk_keys.name, context.run_id, disk_keys.uplink, ledger, dict(plan_record))
     # Opacus counted exactly the planned steps (it always does with Poisson sampling): reuse the projection.
     epsilon = projected if result.entry == plan else ledger.epsilon()
     update = {k: (v.detach().cpu() - start[k]) for k, v in model.state_dict().items()}

@@ -95,27 +95,31 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             if options.insecure
             else ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(key)]
         )
-        argv = [
-            tool("flower-supernode"),
-            "--superlink", options.server,
-            *security,
-            "--node-config", node_config,
-            "--host", "127.0.0.1",
-            "--port", str(free_port()),
-            "--max-wait-time", str(int(options.max_wait)),
-        ]  # fmt: skip
-        node = ManagedProcess("SuperNode", argv, flower_env(state / "flwr"), state / "supernode.log")
-        try:
-            _supervise(node, say, info["name"], options.server, stop_after)
-        except FedtrainError as exc:
-            if options.insecure and "cannot be reached" in str(exc):
-                raise FedtrainError(
-                    f"{info['name']} could not talk to {options.server} without TLS; the server probably requires "
-                    "TLS: drop --insecure."
-                ) from None
-            raise
-        finally:
-            node.stop()
+        for attempt in range(3):
+            argv = [
+                tool("flower-supernode"),
+                "--superlink", options.server,
+                *security,
+                "--node-config", node_config,
+                "--host", "127.0.0.1",
+                "--port", str(free_port()),
+                "--max-wait-time", str(int(options.max_wait)),
+            ]  # fmt: skip
+            node = ManagedProcess("SuperNode", argv, flower_env(state / "flwr"), state / "supernode.log")
+            try:
+                _supervise(node, say, info["name"], options.server, stop_after)
+                return
+            except FedtrainError as exc:
+                if "address already in use" in node.log_tail(80) and attempt < 2:
+                    continue  # its local port was taken between choosing and binding: pick another
+                if options.insecure and "cannot be reached" in str(exc):
+                    raise FedtrainError(
+                        f"{info['name']} could not talk to {options.server} without TLS; the server probably "
+                        "requires TLS: drop --insecure."
+                    ) from None
+                raise
+            finally:
+                node.stop()
 
 
 def _supervise(
