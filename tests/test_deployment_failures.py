@@ -94,38 +94,35 @@ def test_bad_shard_fails_before_connecting(running_server) -> None:
     assert seconds < 30
 
 
+def _server(env: dict, kit: Path, config: Path, port: int, run_dir: Path) -> subprocess.CompletedProcess:
+    """A `fedtrain server` expected to fail fast (bounded by the timeout)."""
+    return subprocess.run(
+        [FEDTRAIN, "server", "--kit", str(kit), "--config", str(config), "--host", "127.0.0.1",
+         "--port", str(port), "--run-dir", str(run_dir)],
+        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+
+
 def test_server_port_in_use(running_server) -> None:
     tmp, _, env = running_server
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run(
-            [FEDTRAIN, "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "fed.toml"),
-             "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp / "run-busy")],
-            env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
-        )  # fmt: skip
+        result = _server(env, tmp / "kits" / "server", tmp / "fed.toml", port, tmp / "run-busy")
     _one_sentence(result, f"port {port} on 127.0.0.1 is in use")
 
 
 def test_server_without_model_description(running_server) -> None:
     tmp, _, env = running_server
     (tmp / "empty.toml").write_text("rounds = 1\n")
-    result = subprocess.run(
-        [FEDTRAIN, "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "empty.toml"),
-         "--host", "127.0.0.1", "--port", str(free_port()), "--run-dir", str(tmp / "run-empty")],
-        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
-    )  # fmt: skip
+    result = _server(env, tmp / "kits" / "server", tmp / "empty.toml", free_port(), tmp / "run-empty")
     _one_sentence(result, "must give input_shape and num_classes")
 
 
 def test_client_kit_given_to_server(running_server) -> None:
     tmp, _, env = running_server
-    result = subprocess.run(
-        [FEDTRAIN, "server", "--kit", str(tmp / "kits" / "client-1"), "--config", str(tmp / "fed.toml"),
-         "--host", "127.0.0.1", "--port", str(free_port()), "--run-dir", str(tmp / "run-kit")],
-        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
-    )  # fmt: skip
+    result = _server(env, tmp / "kits" / "client-1", tmp / "fed.toml", free_port(), tmp / "run-kit")
     _one_sentence(result, "is a client kit, not a server kit")
 
 
