@@ -88,12 +88,11 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose")}  # every option is a key
     from fedtrain import simulation
     from fedtrain.config import resolve
     from fedtrain.security.keys import load_model_key
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "simulation", "resolve")}
-    overrides.pop("load_model_key", None)
     resolved = resolve(config, overrides)
     path = _new_run_dir(resolved.run_dir)
     model_key = load_model_key(resolved.key_file, create_local=True)

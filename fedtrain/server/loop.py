@@ -10,6 +10,7 @@ It mirrors `flwr.serverapp.strategy.Strategy.start`, which offers no per-round h
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -67,7 +68,7 @@ class Federation:
         self.sealer = sealer
         self.on_round = on_round or self._log_round
         self.model_key = load_model_key(config.key_file)
-        self.run_id = str(config.extra.get("run-id") or uuid.uuid4().hex)
+        self.run_id = uuid.uuid4().hex
         self.model = build_model(config.model, config.input_shape, num_classes, hidden=config.hidden, seed=config.seed)
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
@@ -77,8 +78,6 @@ class Federation:
     # ------------------------------------------------------------------ files
 
     def _write_run_info(self) -> None:
-        import json
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.toml", self.config.to_toml())
         info = {
