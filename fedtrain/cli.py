@@ -226,6 +226,9 @@ def server(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
     ] = False,
+    passphrase_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the passphrase of the kit's private keys.")
+    ] = None,
 ) -> None:
     """Run a federation: SuperLink with TLS and node authentication, then the fedtrain run."""
     from fedtrain.config import resolve
@@ -235,7 +238,17 @@ def server(
         _warn_insecure("server")
     resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
     path = _new_run_dir(resolved.run_dir)
-    options = ServerOptions(kit, resolved, host, port, min_clients, wait_timeout, database=database, insecure=insecure)
+    options = ServerOptions(
+        kit,
+        resolved,
+        host,
+        port,
+        min_clients,
+        wait_timeout,
+        database=database,
+        insecure=insecure,
+        passphrase=_passphrase(passphrase_env),
+    )
     rows: list[dict[str, Any]] = []
 
     def on_round(row: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ class Config:
     alpha: float = 0.5
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    min_fit_clients: int = 1  # a round whose usable updates are fewer stops the run, keeping the last model
     round_timeout: float = 600.0
     # model and local training
     # The demo's defaults, chosen by a search over DP-FedAvg settings on digits at epsilon 3
@@ -74,7 +75,11 @@ class Config:
 
     def validate(self) -> Config:
         """Check every value; raise FedtrainError naming the first bad one."""
-        _positive_int(self, "clients", "rounds", "batch_size", "local_epochs", "hidden")
+        _positive_int(self, "clients", "rounds", "batch_size", "local_epochs", "hidden", "min_fit_clients")
+        if self.min_fit_clients > self.clients:
+            raise FedtrainError(
+                f"min_fit_clients ({self.min_fit_clients}) cannot exceed clients ({self.clients}); lower it."
+            )
         _in_range(self, "eval_fraction", 0.0, 0.9)
         _in_range(self, "test_fraction", 0.0, 0.9)
         _in_range(self, "fraction_train", 0.0, 1.0, low_open=True)

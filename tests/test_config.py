@@ -47,6 +47,8 @@ def test_run_config_round_trip() -> None:
         ("target_epsilon = -1.0", "target_epsilon must be greater than 0"),
         ("target_epsilon = 3.0\nnoise_multiplier = 1.0", "either target_epsilon or noise_multiplier"),
         ("delta = 2.0", "delta must be in"),
+        ("min_fit_clients = 0", "min_fit_clients must be at least 1"),
+        ("clients = 3\nmin_fit_clients = 4", "min_fit_clients \\(4\\) cannot exceed clients \\(3\\)"),
         ("this is not toml", "is not valid TOML"),
         ("[server]\nrounds = 3", "has a section \\[server\\]"),
     ],

@@ -97,7 +97,15 @@ def _post(port: int, path: str, ca: Path) -> int:
 
 
 def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(federation, capsys) -> None:
+    """Acceptance 1, 2, 4, 5 in one federation (each start-up costs a minute here). For 4, client-3 is
+    SIGKILLed while it trains in round 2: the round completes with the two others (min_fit_clients = 2)
+    as soon as the SuperLink misses its heartbeats, and client-3, restarted at once, waits out its
+    stale session and is back for a later round."""
     tmp, procs = federation
+    (tmp / "fed.toml").write_text(
+        (tmp / "fed.toml").read_text().replace("rounds = 2", "rounds = 4").replace("round_timeout = 120.0", "")
+        + "round_timeout = 60.0\nmin_fit_clients = 2\n"
+    )
     port = free_port()
     database = tmp / "state.db"
     server = procs.start(
@@ -116,11 +124,24 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP gets no answer
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/fleet/get-run", data=b"{}", timeout=10)
 
-    for i in (1, 2, 3):
-        procs.start(f"client-{i}", "client", "--kit", str(tmp / "kits" / f"client-{i}"), "--server",
-                    f"127.0.0.1:{port}", "--data", str(tmp / f"shard{i}.npz"))  # fmt: skip
+    def start_client(i: int, name: str) -> subprocess.Popen:
+        return procs.start(name, "client", "--kit", str(tmp / "kits" / f"client-{i}"), "--server",
+                           f"127.0.0.1:{port}", "--data", str(tmp / f"shard{i}.npz"))  # fmt: skip
+
+    victim = {i: start_client(i, f"client-{i}") for i in (1, 2, 3)}[3]
+    node_log = tmp / "home" / "supernodes" / "client-3" / "supernode.log"
+
+    def second_round_received() -> bool:
+        return node_log.exists() and node_log.read_text(errors="replace").count("Receiving: train message") >= 2
+
+    _wait_for(second_round_received, 240, "client-3 to receive round 2's training message")
+    os.killpg(victim.pid, signal.SIGKILL)  # the client's machine dies: nothing gets to clean up
+    victim.wait(timeout=10)
+    _wait_for(lambda: not subprocess.run(["pgrep", "-f", "client-3"], capture_output=True).stdout, 15,
+              "client-3's SuperNode to die with it")  # fmt: skip
+    start_client(3, "client-3-again")  # restarted at once, while the server still counts it as online
     try:
-        server.wait(timeout=300)
+        server.wait(timeout=400)
     except subprocess.TimeoutExpired:
         raise AssertionError("server did not finish:\n" + procs.output("server")) from None
     out = procs.output("server")
@@ -130,11 +151,16 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     run = tmp / "run"
     rows = json.loads((run / "metrics.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
-    assert [r["clients_ok"] for r in rows] == [3, 3]
+    assert rows[0]["clients_ok"] == 3 and rows[1]["clients_ok"] == 2, rows
+    assert list(rows[1]["failed"]) == ["client-3"] and "heartbeat" in rows[1]["failed"]["client-3"], rows[1]
+    assert rows[1]["seconds"] < 60, rows[1]  # the missed heartbeats ended it, not round_timeout
+    assert any(row["clients_ok"] == 3 for row in rows[2:]), rows  # client-3 rejoined
+    assert "previous session" in procs.output("client-3-again")
     assert 0.3 <= rows[-1]["federated_accuracy"] <= 0.97
     assert set(privacy["clients"]) == {"client-1", "client-2", "client-3"}
-    for client in privacy["clients"].values():
-        assert len(client["ledger"]) == 2
+    rounds_trained = {"client-1": 4, "client-2": 4, "client-3": sum(row["clients_ok"] == 3 for row in rows)}
+    for name, client in privacy["clients"].items():
+        assert len(client["ledger"]) == rounds_trained[name]  # client-3 spent nothing in the round it died in
         reference = PRVAccountant()
         reference.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in client["ledger"]]
         assert client["epsilon"] == pytest.approx(reference.get_epsilon(delta=client["delta"]), rel=0.01)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ FEDTRAIN = str(Path(sys.executable).with_name("fedtrain"))
 @pytest.fixture(scope="module")
 def running_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
-    provision(tmp / "kits", ["127.0.0.1"], 2)
+    provision(tmp / "kits", ["127.0.0.1"], 3)  # client-3 is for the unregistration test
     provision(tmp / "other", ["127.0.0.1"], 1)  # another federation: another CA
     np.savez(tmp / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
     (tmp / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
@@ -157,6 +159,84 @@ def test_insecure_server_must_be_asked_for_warns_and_still_locks_the_control_pla
         assert refused.value.code == 403
         os.killpg(server.pid, signal.SIGTERM)
         assert server.wait(timeout=30) == 143
+    finally:
+        procs.stop_all()
+
+
+def test_a_client_whose_key_is_unregistered_while_connected_stops_and_says_so(running_server) -> None:
+    import json
+
+    tmp, port, env = running_server
+    flwr = [str(Path(sys.executable).with_name("flwr")), "supernode"]
+    flwr_env = {**env, "FLWR_HOME": str(tmp / "run" / ".flwr")}  # the server's own connection to its SuperLink
+    client = subprocess.Popen(
+        [FEDTRAIN, "client", "--kit", str(tmp / "kits" / "client-3"), "--server", f"127.0.0.1:{port}", "--data",
+         str(tmp / "shard.npz")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+    def online() -> list[dict]:
+        listed = subprocess.run([*flwr, "list", "fedtrain", "--format", "json"], env=flwr_env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        nodes = json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"]
+        return [node for node in nodes if node["status"] == "online"]
+
+    try:
+        _wait_for(lambda: len(online()) == 1, 90, "client-3 online")
+        (node,) = online()
+        subprocess.run([*flwr, "unregister", str(node["node-id"]), "fedtrain"], env=flwr_env, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+        _, err = client.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(client.pid, signal.SIGKILL)
+        client.wait(timeout=10)
+    assert client.returncode == 2 and "Traceback" not in err
+    assert "the server no longer accepts this client" in " ".join(err.split())
+
+
+def test_passphrase_protected_kits(tmp_path) -> None:
+    """Flower reads no encrypted key: the server and the client decrypt theirs into a private folder
+    that is gone when they stop; a missing or wrong passphrase is one sentence, before anything starts."""
+    import signal
+    import ssl
+
+    provision(tmp_path / "kits", ["127.0.0.1"], 1, passphrase=b"correct horse")
+    (tmp_path / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
+    np.savez(tmp_path / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
+    env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "KIT_PASS": "correct horse",
+           "WRONG_PASS": "battery staple", "TMPDIR": str(tmp_path)}  # fmt: skip
+    server_kit = tmp_path / "kits" / "server"
+    result = _server(env, server_kit, tmp_path / "fed.toml", free_port(), tmp_path / "run-1")
+    _one_sentence(result, "server.key is passphrase-protected; pass --passphrase-env VAR")
+    result = subprocess.run(
+        [FEDTRAIN, "server", "--kit", str(server_kit), "--config", str(tmp_path / "fed.toml"), "--port",
+         str(free_port()), "--run-dir", str(tmp_path / "run-2"), "--passphrase-env", "WRONG_PASS"],
+        env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    _one_sentence(result, "the passphrase does not open")
+    result, _ = _client(env, tmp_path / "kits" / "client-1", "127.0.0.1:9", tmp_path / "shard.npz", 60)
+    _one_sentence(result, "node.key is passphrase-protected; pass --passphrase-env VAR")
+
+    procs = Processes(env, tmp_path)
+    port = free_port()
+    try:
+        server = procs.start("server", "server", "--kit", str(server_kit), "--config", str(tmp_path / "fed.toml"),
+                             "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp_path / "run-3"),
+                             "--passphrase-env", "KIT_PASS")  # fmt: skip
+        _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
+        assert server.poll() is None, procs.output("server")
+        (private,) = tmp_path.glob("fedtrain-server-*")
+        assert oct(private.stat().st_mode & 0o777) == "0o700"
+        context = ssl.create_default_context(cafile=str(server_kit / "ca.crt"))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=30) == 143
+        assert not private.exists()
     finally:
         procs.stop_all()
 

@@ -171,7 +171,7 @@ def test_clients_failing_inside_training_stop_the_run_clearly(tmp_path, capsys, 
         ["simulate", "--run-dir", str(run_dir), "--rounds", "3", "--model", "fragile_model:fragile"], capsys
     )
     assert code == 2 and "Traceback" not in err
-    assert "round 1: no client sent a usable update" in " ".join(err.split())
+    assert "round 1: 0 usable updates, fewer than min_fit_clients = 1 (5 failed" in " ".join(err.split())
     rows, _ = _load(run_dir)
     assert len(rows) == 1 and rows[0]["clients_failed"] == 5 and rows[0]["clients_ok"] == 0
     assert all("boom inside training" in reason for reason in rows[0]["failed"].values())

@@ -2,30 +2,35 @@
 
 The shard is loaded and checked before anything connects, so a bad file fails in a second. The
 SuperNode authenticates with the kit's node key, trusts only the kit's CA, and learns its data
-path, kit and name through `--node-config`. It is supervised: when it gives up reconnecting or
-exits, `fedtrain client` stops it and says why in one sentence.
+path, kit and name through `--node-config`. ClientApps are launched by fedtrain's pinned SuperExec
+(clients/pinned_app.py), so only fedtrain's installed ClientApp ever runs here. Both processes are
+supervised: when the SuperNode gives up reconnecting or either exits, `fedtrain client` stops them
+and says why in one sentence.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
+from fedtrain.clients.supernode import HEARTBEAT_INTERVAL
 from fedtrain.config import Config
 from fedtrain.data import load_shard
 from fedtrain.errors import FedtrainError
-from fedtrain.fileio import atomic_write_bytes
-from fedtrain.processes import ManagedProcess, flower_env, free_port, tool
+from fedtrain.fileio import atomic_write_text
+from fedtrain.processes import ManagedProcess, flower_env, free_port
 from fedtrain.security.keys import fedtrain_home
-from fedtrain.security.kits import read_kit
+from fedtrain.security.kits import read_kit, unlocked_key
 
+SESSION_FILE = "session"
 GIVE_UP = ("Giving up reconnection", "Connection attempt failed, giving up")
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 
 @dataclass
@@ -42,24 +47,6 @@ class ClientOptions:
 def _check_server(address: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", address):
         raise FedtrainError(f"--server must be HOST:PORT (for example 10.0.0.5:9092), not {address!r}.")
-
-
-def _node_key(kit: Path, passphrase: bytes | None, private_dir: Path) -> Path:
-    """The OpenSSH key flower-supernode reads; a passphrase-protected key is decrypted into `private_dir`."""
-    path = kit / "node.key"
-    data = path.read_bytes()
-    if b"ENCRYPTED" not in data:
-        return path
-    if not passphrase:
-        raise FedtrainError(f"{path} is passphrase-protected; pass --passphrase-env VAR with the passphrase.")
-    try:
-        key = serialization.load_pem_private_key(data, passphrase)
-    except (ValueError, TypeError):
-        raise FedtrainError(f"the passphrase does not open {path}.") from None
-    plain = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    return atomic_write_bytes(private_dir / "node.key", plain, mode=0o600)
 
 
 def explain_exit(code: int | None, log: str) -> str:
@@ -86,7 +73,7 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
     state = fedtrain_home() / "supernodes" / info["name"]
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(prefix="fedtrain-node-") as private:
-        key = _node_key(kit, options.passphrase, Path(private))
+        key = unlocked_key(kit / "node.key", options.passphrase, Path(private), openssh=True)
         node_config = f"data-path='{data}' kit='{kit}' client-name='{info['name']}'"
         if options.device:
             node_config += f" device='{options.device}'"
@@ -95,23 +82,44 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             if options.insecure
             else ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(key)]
         )
-        for attempt in range(3):
+        port_retries, told = 2, False
+        session_expires = _crashed_session_expiry(state, options.server)
+        while True:
+            runtime_port = free_port()
             argv = [
-                tool("flower-supernode"),
+                sys.executable, "-m", "fedtrain.clients.supernode",  # flower-supernode with a 10 s heartbeat
                 "--superlink", options.server,
                 *security,
                 "--node-config", node_config,
+                "--isolation", "process",  # ClientApps are started by fedtrain's pinned SuperExec below
                 "--host", "127.0.0.1",
-                "--port", str(free_port()),
+                "--port", str(runtime_port),
                 "--max-wait-time", str(int(options.max_wait)),
             ]  # fmt: skip
-            node = ManagedProcess("SuperNode", argv, flower_env(state / "flwr"), state / "supernode.log")
+            env = flower_env(state / "flwr")
+            node = ManagedProcess("SuperNode", argv, env, state / "supernode.log")
+            pinned_superexec = [sys.executable, "-m", "fedtrain.clients.pinned_app", "--insecure",  # loopback API
+                                "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                                "--parent-pid", str(node.process.pid)]  # fmt: skip
+            executor = ManagedProcess("SuperExec", pinned_superexec, env, state / "superexec.log")
             try:
-                _supervise(node, say, info["name"], options.server, stop_after)
+                _supervise(node, executor, say, info["name"], options.server, stop_after, state / SESSION_FILE)
+                (state / SESSION_FILE).unlink(missing_ok=True)  # a clean stop deactivates the node
                 return
             except FedtrainError as exc:
-                if "address already in use" in node.log_tail(80) and attempt < 2:
+                log = node.log_tail(80)
+                if "address already in use" in log and port_retries > 0:
+                    port_retries -= 1
                     continue  # its local port was taken between choosing and binding: pick another
+                if ACTIVATION_REFUSED in log and time.time() < session_expires:
+                    if not told:
+                        say(
+                            f"{info['name']}: the server still holds this client's previous session (did it "
+                            "crash?); retrying until that session expires"
+                        )
+                        told = True
+                    time.sleep(5)
+                    continue
                 if options.insecure and "cannot be reached" in str(exc):
                     raise FedtrainError(
                         f"{info['name']} could not talk to {options.server} without TLS; the server probably "
@@ -119,22 +127,53 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
                     ) from None
                 raise
             finally:
+                executor.stop()
                 node.stop()
 
 
+def _crashed_session_expiry(state: Path, server: str) -> float:
+    """When the session that a crashed `fedtrain client` left on `server` expires (0 if none).
+
+    The SuperLink refuses to activate a node it still counts as online, with the same answer as
+    for an unknown key. The session file, touched while connected and removed on a clean stop,
+    tells the two apart: only right after a crash is that refusal worth waiting out."""
+    path = state / SESSION_FILE
+    try:
+        if path.read_text() != server:
+            return 0.0
+        return path.stat().st_mtime + 2 * HEARTBEAT_INTERVAL + 10
+    except OSError:
+        return 0.0
+
+
 def _supervise(
-    node: ManagedProcess, say: Callable[[str], None], name: str, server: str, stop_after: float | None
+    node: ManagedProcess,
+    executor: ManagedProcess,
+    say: Callable[[str], None],
+    name: str,
+    server: str,
+    stop_after: float | None,
+    session: Path,
 ) -> None:
-    started, announced = time.monotonic(), False
+    started, announced, refusals = time.monotonic(), False, set()
     while True:
         log = node.log_tail(80)
         if not announced and "SuperNode ID" in log:
             say(f"{name}: connected to {server}; waiting for work")
+            atomic_write_text(session, server)
             announced = True
+        if announced:
+            os.utime(session)  # the SuperLink's session lives until two heartbeats after this
+        for reason in set(re.findall(r"UntrustedRunError: (.+)", executor.log_tail(200))) - refusals:
+            say(f"{name}: refused a run that is not fedtrain's: {reason}")
+            refusals.add(reason)
+        if not executor.alive:
+            raise FedtrainError(f"{name} stopped: its SuperExec exited (log: {executor.log_path}).")
         if not node.alive:
-            if node.returncode == 0 and announced:
-                return
-            raise FedtrainError(f"{name} stopped: {explain_exit(node.returncode, log)} (log: {node.log_path}).")
+            why = explain_exit(node.returncode, log)
+            if node.returncode == 0 and announced:  # a connected SuperNode stops by itself when its heartbeat is
+                why = "the server no longer accepts this client (was its key unregistered?)"  # refused (401)
+            raise FedtrainError(f"{name} stopped: {why} (log: {node.log_path}).")
         if any(marker in log for marker in GIVE_UP):
             raise FedtrainError(f"{name} stopped: {explain_exit(None, log)} (log: {node.log_path}).")
         if stop_after is not None and time.monotonic() - started > stop_after:

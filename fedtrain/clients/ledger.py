@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedtrain.config import ACCOUNTANTS
 from fedtrain.errors import FedtrainError
+
+if TYPE_CHECKING:  # the accounting needs no Flower (benchmarks/cuda_federated_smoke.py runs without it)
+    from flwr.app import ConfigRecord
 
 DEFAULT_DELTA = 1e-5
 
@@ -75,6 +78,8 @@ class PrivacyLedger:
     # ---- persistence in Flower's context.state / replies ----
 
     def to_config_record(self) -> ConfigRecord:
+        from flwr.app import ConfigRecord
+
         return ConfigRecord(
             {
                 "accountant": self.accountant,

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 import fedtrain
 from fedtrain.errors import FedtrainError
 from fedtrain.fileio import atomic_write_bytes, atomic_write_text
@@ -118,3 +120,20 @@ def read_kit(folder: Path, role: str) -> dict:
             f"{folder} is a {info.get('role') if isinstance(info, dict) else 'unknown'} kit, not a {role} kit."
         )
     return info
+
+
+def unlocked_key(path: Path, passphrase: bytes | None, private_dir: Path, openssh: bool = False) -> Path:
+    """A private key file Flower's processes can read (they cannot take a passphrase): `path` itself
+    when it is not encrypted, else a decrypted copy (0600) in `private_dir`, PEM or OpenSSH."""
+    data = path.read_bytes()
+    if b"ENCRYPTED" not in data:
+        return path
+    if not passphrase:
+        raise FedtrainError(f"{path} is passphrase-protected; pass --passphrase-env VAR with the passphrase.")
+    try:
+        key = serialization.load_pem_private_key(data, passphrase)
+    except (ValueError, TypeError):
+        raise FedtrainError(f"the passphrase does not open {path}.") from None
+    fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
+    plain = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+    return atomic_write_bytes(Path(private_dir) / path.name, plain, mode=SECRET)

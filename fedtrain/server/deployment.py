@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +33,14 @@ from fedtrain.processes import (
     tool,
     wait_for_port,
 )
-from fedtrain.security.kits import read_kit
+from fedtrain.security.kits import read_kit, unlocked_key
 from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.history import METRICS_JSON
+from fedtrain.server.model_files import MODEL_FILE
 
 CONNECTION = "fedtrain"
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0
+STATUS_SECONDS = 20.0
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ServerOptions:
     run_timeout: float = 24 * 3600.0
     database: Path | None = None
     insecure: bool = False
+    passphrase: bytes | None = None
 
 
 def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
@@ -123,6 +128,7 @@ class Server:
         self.flwr_home = run_dir / ".flwr"
         self.env = flower_env(self.flwr_home)
         self.internal_port = 0
+        self.private_dir: Path | None = None
 
     def __enter__(self) -> Server:
         return self
@@ -137,6 +143,9 @@ class Server:
         if self.superlink is not None:
             self.superlink.stop()
             self.superlink = None
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
 
     def start(self) -> None:
         check_port_free(self.options.host, self.options.port)
@@ -150,7 +159,12 @@ class Server:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.internal_port}"\n{trust}\n',
         )
-        tls = (self.kit / "server.crt", self.kit / "server.key", self.kit / "ca.crt")
+        self.private_dir = Path(tempfile.mkdtemp(prefix="fedtrain-server-"))  # 0700: a decrypted TLS key
+        tls = (
+            self.kit / "server.crt",
+            unlocked_key(self.kit / "server.key", self.options.passphrase, self.private_dir),
+            self.kit / "ca.crt",
+        )
         security = (
             ["--insecure"]  # Flower's node authentication needs TLS: insecure means unauthenticated nodes
             if insecure
@@ -206,16 +220,22 @@ class Server:
         return run_id
 
     def follow(self, run_id: str, on_round: Callable[[dict[str, Any]], None]) -> str:
-        """Report rounds as the ServerApp records them; return the final status."""
+        """Report rounds as the ServerApp records them; return the final status.
+
+        Each `flwr ls` is a Python process start, costly beside the clients on a small machine: the
+        status is asked every STATUS_SECONDS, and promptly once the final model file appears."""
         deadline = time.monotonic() + self.options.run_timeout
-        seen = 0
+        seen, next_status, earlier_model = 0, 0.0, _mtime(self.run_dir / MODEL_FILE)
         while True:
             seen = self._report_new_rounds(seen, on_round)
-            runs = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)["runs"]
-            status = str(runs[0].get("status", "unknown")) if runs else "unknown"
-            if status.startswith("finished"):
-                self._report_new_rounds(seen, on_round)
-                return status
+            final_model = _mtime(self.run_dir / MODEL_FILE) != earlier_model
+            if final_model or time.monotonic() >= next_status:
+                runs = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)["runs"]
+                status = str(runs[0].get("status", "unknown")) if runs else "unknown"
+                if status.startswith("finished"):
+                    self._report_new_rounds(seen, on_round)
+                    return status
+                next_status = time.monotonic() + STATUS_SECONDS
             if self.superlink is not None and not self.superlink.alive:
                 raise FedtrainError(
                     f"the SuperLink exited with code {self.superlink.returncode}; see {self.superlink.log_path}."
@@ -232,6 +252,13 @@ class Server:
         for row in rows[seen:]:
             on_round(row)
         return len(rows)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def serve(options: ServerOptions, run_dir: Path, say: Callable[[str], None], on_round: Callable[[dict], None]) -> None:

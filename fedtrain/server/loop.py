@@ -40,6 +40,7 @@ from fedtrain.strategies import make_strategy
 
 log = logging.getLogger("fedtrain")
 RoundCallback = Callable[[dict[str, Any]], None]
+PLOT_EVERY_SECONDS = 60.0  # training.png is redrawn at most this often, and after the last round
 
 
 def _mean_metric(metrics: Any, key: str) -> float:
@@ -74,6 +75,8 @@ class Federation:
         self.rows: list[dict[str, Any]] = []
         self.privacy: dict[str, ClientPrivacy] = {}
         self.node_names: dict[int, str] = {}
+        self._plotted = time.monotonic()
+        self._recipients: dict[str, int] = {}  # the last exchange: message id -> the node it went to
 
     # ------------------------------------------------------------------ files
 
@@ -106,15 +109,17 @@ class Federation:
 
     def _round(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> OrderedDict:
         started = time.monotonic()
+        self._wait_for_clients(grid, server_round)
         global_np = {k: v.numpy() for k, v in state.items()}
         messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
         replies, unopened = self._exchange(grid, messages, server_round)
-        screened = screen(replies, global_np, self.node_names)
+        screened = screen(replies, global_np, self.node_names, self._node_of)
         screened.failed.update({self.node_names.get(node, f"node-{node}"): why for node, why in unopened.items()})
-        self._note_missing(messages, [*(r.metadata.src_node_id for r in replies), *unopened], screened.failed)
+        self._note_missing(messages, [*(self._node_of(r) for r in replies), *unopened], screened.failed)
         self.privacy.update(screened.privacy)
         train_loss = float("nan")
-        if screened.accepted:
+        enough = len(screened.accepted) >= self.config.min_fit_clients
+        if enough:
             arrays, metrics = strategy.aggregate_train(server_round, screened.accepted)
             if arrays is not None:
                 state = OrderedDict(
@@ -144,27 +149,48 @@ class Federation:
             "seconds": round(time.monotonic() - started, 3),
         }
         self.rows.append(row)
+        stops = bool(screened.failed) and not enough and not screened.refused  # refusals (spent budgets) are policy
         history.write_metrics(self.run_dir, self.rows)
         history.write_privacy_report(self.run_dir, self.privacy)
-        history.write_plot(self.run_dir, self.rows)
+        if stops or server_round == self.config.rounds or time.monotonic() - self._plotted >= PLOT_EVERY_SECONDS:
+            history.write_plot(self.run_dir, self.rows)  # 0.2 s or more of a round: not every round
+            self._plotted = time.monotonic()
         self._save(state, "checkpoint", server_round)
         self.on_round(row)
-        if screened.failed and not screened.accepted and not screened.refused:
+        if stops:
             name, reason = next(iter(screened.failed.items()))
             raise FedtrainError(
-                f"round {server_round}: no client sent a usable update ({name}: {reason}); the run stops, "
-                f"its last good model is in {self.run_dir / CHECKPOINT_FILE}."
+                f"round {server_round}: {len(screened.accepted)} usable updates, fewer than min_fit_clients = "
+                f"{self.config.min_fit_clients} ({len(screened.failed)} failed, e.g. {name}: {reason}); the run "
+                f"stops, its last good model is in {self.run_dir / CHECKPOINT_FILE}."
             )
         return state
+
+    def _wait_for_clients(self, grid: Grid, server_round: int) -> None:
+        deadline = time.monotonic() + self.config.round_timeout
+        while (online := len(list(grid.get_node_ids()))) < self.config.min_fit_clients:
+            if time.monotonic() > deadline:
+                raise FedtrainError(
+                    f"round {server_round}: {online} clients online, fewer than min_fit_clients = "
+                    f"{self.config.min_fit_clients}, for round_timeout ({self.config.round_timeout:.0f} s); the run "
+                    f"stops, its last good model is in {self.run_dir / CHECKPOINT_FILE}."
+                )
+            time.sleep(1)
 
     def _exchange(self, grid: Grid, messages: list[Message], server_round: int) -> tuple[list[Message], dict[int, str]]:
         """Send and receive, sealing and opening payloads when end-to-end encryption is on."""
         if self.sealer is not None:
             messages = self.sealer.seal(messages, server_round)
         replies = list(grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        self._recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         if self.sealer is None:
             return replies, {}
         return self.sealer.open(replies, server_round)
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or for the SuperLink's own error reply about a
+        node that stopped sending heartbeats, the node the message was addressed to."""
+        return self._recipients.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _note_missing(self, messages: list[Message], answered: list[int], failed: dict[str, str]) -> None:
         for msg in messages:

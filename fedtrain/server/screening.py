@@ -6,6 +6,7 @@ every value is finite; anything else is a failure with a reason, and never reach
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +32,8 @@ class Screened:
     privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
 
 
-def _name(msg: Message, known: dict[int, str]) -> str:
+def _name(msg: Message, node: int, known: dict[int, str]) -> str:
     """The client's own name (from its privacy record), remembered per node for its error replies."""
-    node = msg.metadata.src_node_id
     content = None if msg.has_error() else msg.content
     if content is not None and "privacy" in content.config_records:
         known[node] = str(content.config_records["privacy"].get("client-id", f"node-{node}"))
@@ -61,13 +61,19 @@ def _check_update(update: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> 
     return None
 
 
-def screen(replies: list[Message], global_arrays: dict[str, np.ndarray], known: dict[int, str]) -> Screened:
+def screen(
+    replies: list[Message],
+    global_arrays: dict[str, np.ndarray],
+    known: dict[int, str],
+    node_of: Callable[[Message], int] = lambda msg: msg.metadata.src_node_id,
+) -> Screened:
     """Accepted replies come back holding client *weights* w_t + d, ready for a Flower strategy.
 
-    `known` maps node ids to client names; it is updated from the replies."""
+    `known` maps node ids to client names; it is updated from the replies. `node_of` says which
+    node a reply answers for (the SuperLink itself sends the error reply of a node that died)."""
     out = Screened()
     for msg in replies:
-        name = _name(msg, known)
+        name = _name(msg, node_of(msg), known)
         if msg.has_error():
             out.failed[name] = error_reason(msg)
             continue

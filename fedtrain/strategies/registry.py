@@ -21,7 +21,8 @@ def _fedavg(config: Config) -> Strategy:
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
-        min_available_nodes=config.clients,
+        # The loop waits (bounded) for min_fit_clients before each round; Flower's own wait has no bound.
+        min_available_nodes=config.min_fit_clients,
     )
 
 
