@@ -1,0 +1,232 @@
+"""DP-SGD training throughput (samples/s) per Opacus grad-sample mode, against non-private SGD.
+
+    python benchmarks/dp_throughput.py --device cuda --model cnn --input 28 --steps 50
+    python benchmarks/dp_throughput.py --device cpu --steps 5 --json /tmp/dp_cpu.json
+
+Synthetic data only (random images, fixed seed): nothing is downloaded. Every run trains a fresh
+copy of the same fedtrain model on the same batches, so the modes compare like with like.
+Imports only torch, Opacus and fedtrain.models (no Flower), so it runs where Flower is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing fedtrain
+from fedtrain.models import build_model  # noqa: E402
+
+NUM_CLASSES = 10
+MODES = ("hooks", "functorch", "ew", "ghost")  # Opacus 1.6 grad_sample_mode values for one process
+TARGET_RATIO = 0.5  # the issue's target: DP throughput >= half of non-private, on the CNN
+DISTINCT_BATCHES = 4  # a few distinct batches, cycled: enough variety, little memory
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--model", default="cnn", choices=("cnn", "mlp", "logistic"))
+    p.add_argument("--input", type=int, default=28, help="image side (1 channel, 10 classes)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotune, hooks)")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks of --steps; the best one counts")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated Opacus grad_sample_mode values")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = p.parse_args(argv)
+    if min(args.steps, args.repeats, args.batch) < 1 or args.warmup < 0 or args.input < 2:
+        p.error("--steps, --repeats and --batch must be >= 1, --warmup >= 0, --input >= 2")
+    return args
+
+
+def make_loader(args: argparse.Namespace) -> DataLoader:
+    """A plain, fixed-batch DataLoader, shared by every run.
+
+    Poisson sampling is off for the timing: it only varies the batch size around --batch, which
+    would add noise to the comparison, not information. Real training (fedtrain's trainer) keeps it on.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n = args.batch * DISTINCT_BATCHES
+    x = torch.rand(n, 1, args.input, args.input, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    pin = torch.device(args.device).type == "cuda"  # page-locked memory makes non_blocking copies real
+    return DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False, drop_last=True, pin_memory=pin)
+
+
+def fresh_model(args: argparse.Namespace) -> nn.Module:
+    # Same seed every time: each mode starts from identical weights.
+    return build_model(args.model, [1, args.input, args.input], NUM_CLASSES, seed=0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+
+
+def timed_steps(model, optimizer, criterion, loader, device, args) -> float:
+    """Samples/s over --steps steps, after --warmup untimed ones. Mirrors the trainer's step.
+
+    The best of --repeats blocks counts: other load on the machine only ever slows a block down,
+    so the fastest one is the closest to what the code itself costs (as `timeit` does).
+    """
+    batches = itertools.cycle(loader)
+
+    def step() -> None:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    model.train()
+    for _ in range(args.warmup):
+        step()
+    best = float("inf")
+    for _ in range(args.repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return args.steps * args.batch / best
+
+
+def non_private(loader, device, args) -> float:
+    model = fresh_model(args).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return timed_steps(model, optimizer, nn.CrossEntropyLoss(), loader, device, args)
+
+
+def private(mode: str, loader, device, args) -> float:
+    from opacus import PrivacyEngine
+
+    model = fresh_model(args).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    criterion = nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant="rdp")
+    common = dict(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,  # see make_loader
+        grad_sample_mode=mode,
+    )
+    if mode.startswith("ghost"):
+        # Ghost clipping needs two backward passes; Opacus hides them in a criterion wrapper.
+        model, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
+    else:
+        model, optimizer, loader = engine.make_private(**common)
+    return timed_steps(model, optimizer, criterion, loader, device, args)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def short_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:120]}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (in warm-up)
+    loader = make_loader(args)
+    base = non_private(loader, device, args)
+    rows = [{"mode": "non-private", "samples_per_s": base, "ratio": 1.0, "error": None}]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        try:
+            with warnings.catch_warnings():
+                # Known-harmless: no torchcsprng (secure RNG), and hooks firing on the first layer.
+                warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+                warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+                speed = private(mode, loader, device, args)
+            rows.append({"mode": mode, "samples_per_s": speed, "ratio": speed / base, "error": None})
+        except Exception as exc:  # an unsupported layer/mode is a result, not a crash
+            rows.append({"mode": mode, "samples_per_s": None, "ratio": None, "error": short_reason(exc)})
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    working = [r for r in rows[1:] if r["samples_per_s"]]
+    fastest = max(working, key=lambda r: r["samples_per_s"])["mode"] if working else None
+    import opacus
+
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "input": [1, args.input, args.input],
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "load_avg_1min": os.getloadavg()[0],  # other work on the machine skews CPU numbers
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "poisson_sampling": False,
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "target_ratio": TARGET_RATIO if args.model == "cnn" else None,
+        "fastest_dp_mode": fastest,
+        "results": rows,
+    }
+
+
+def print_table(report: dict) -> None:
+    cpu = f"{report['threads']} CPU threads, load {report['load_avg_1min']:.1f}"
+    print(
+        f"DP-SGD throughput: model {report['model']} {'x'.join(map(str, report['input']))}, batch {report['batch']}, "
+        f"best of {report['repeats']} x {report['steps']} timed steps after {report['warmup']} warm-up, "
+        f"on {report['device']} ({report['device_name']}, {cpu}); "
+        f"torch {report['torch']}, opacus {report['opacus']}"
+    )
+    target = report["target_ratio"]
+    print(f"{'mode':<12} {'samples/s':>11} {'vs non-private':>15}  {'target >= ' + str(target) if target else ''}")
+    for r in report["results"]:
+        if r["error"]:
+            print(f"{r['mode']:<12} unsupported: {r['error']}")
+            continue
+        verdict = ""
+        if target and r["mode"] != "non-private":
+            verdict = "meets" if r["ratio"] >= target else "below"
+        mark = "  <- fastest DP mode" if r["mode"] == report["fastest_dp_mode"] else ""
+        print(f"{r['mode']:<12} {r['samples_per_s']:>11.1f} {r['ratio']:>14.2f}x  {verdict}{mark}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
