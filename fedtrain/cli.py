@@ -77,6 +77,16 @@ def simulate(
     lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, krum, multikrum, "
+            "bulyan, median or trimmed-mean (docs/strategies.md)."
+        ),
+    ] = None,
+    max_update_norm: Annotated[
+        float | None, typer.Option(help="Reject client updates whose L2 norm is larger.")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
@@ -92,8 +102,10 @@ def simulate(
     from fedtrain import simulation
     from fedtrain.config import resolve
     from fedtrain.security.keys import load_model_key
+    from fedtrain.strategies import make_strategy
 
     resolved = resolve(config, overrides)
+    make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
     path = _new_run_dir(resolved.run_dir)
     model_key = load_model_key(resolved.key_file, create_local=True)
     resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)

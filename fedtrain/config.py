@@ -48,6 +48,18 @@ class Config:
     fraction_evaluate: float = 1.0
     min_fit_clients: int = 1  # a round whose usable updates are fewer stops the run, keeping the last model
     round_timeout: float = 600.0
+    # aggregation (docs/strategies.md); server_lr unset means 0.1 for the FedOpt family, 1.0 for fedavgm
+    strategy: str = "fedavg"
+    max_update_norm: float | None = None  # an update d with ||d||_2 above this is rejected before aggregation
+    server_lr: float | None = None
+    server_momentum: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    proximal_mu: float = 0.0
+    num_malicious: int = 0
+    num_selected: int | None = None
+    trim_beta: float = 0.2
     # model and local training
     # The demo's defaults, chosen by a search over DP-FedAvg settings on digits at epsilon 3
     # (see docs/privacy.md): plain logistic regression, large Poisson batches, two local epochs.
@@ -85,7 +97,12 @@ class Config:
         _in_range(self, "fraction_train", 0.0, 1.0, low_open=True)
         _in_range(self, "fraction_evaluate", 0.0, 1.0)
         _in_range(self, "momentum", 0.0, 1.0, high_open=True)
-        _positive(self, "alpha", "lr", "max_grad_norm", "round_timeout")
+        _positive(self, "alpha", "lr", "max_grad_norm", "round_timeout", "tau")
+        _positive(self, *[n for n in ("server_lr", "max_update_norm") if getattr(self, n) is not None])
+        for name in ("server_momentum", "beta_1", "beta_2"):
+            _in_range(self, name, 0.0, 1.0, high_open=True)
+        if self.proximal_mu < 0 or self.num_malicious < 0:
+            raise FedtrainError("proximal_mu and num_malicious must not be negative.")
         if self.partition not in PARTITIONS:
             raise FedtrainError(f"partition must be one of {', '.join(PARTITIONS)}, not {self.partition!r}.")
         if self.accountant not in ACCOUNTANTS:

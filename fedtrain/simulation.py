@@ -29,6 +29,7 @@ from fedtrain.security.keys import generate_key
 from fedtrain.security.payload import PayloadKeys
 from fedtrain.server.app import build_server_app
 from fedtrain.server.loop import RoundCallback
+from fedtrain.strategies import make_strategy
 
 
 def prepare(config: Config) -> tuple[Config, Dataset]:
@@ -45,6 +46,7 @@ def prepare(config: Config) -> tuple[Config, Dataset]:
             raise FedtrainError(f"client {pid} would get {len(shard)} samples; use fewer clients or more data.")
     resolve_device(config.device)
     build_model(config.model, config.input_shape, config.num_classes, hidden=config.hidden)
+    make_strategy(config)  # its name and parameters
     return config, simulation_test_set(config)
 
 

@@ -64,6 +64,16 @@ SIMULATE_CASES = {
         "needs images",
     ),
     "missing CUDA": (lambda d: ["--device", "cuda"], "CUDA is not available"),
+    "unknown strategy": (lambda d: ["--strategy", "fedsgd"], "unknown strategy 'fedsgd'; choose one of fedavg"),
+    "krum beyond its bound": (
+        lambda d: [
+            "--strategy",
+            "krum",
+            "--config",
+            str((d / "k.toml").write_text("num_malicious = 2") and d / "k.toml"),
+        ],
+        "krum with num_malicious = 2 needs at least 7 clients per round, this run has 5",
+    ),
     "bad config file": (
         lambda d: ["--config", str((d / "b.toml").write_text("rounds = [") and d / "b.toml")],
         "not valid TOML",

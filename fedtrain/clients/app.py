@@ -11,6 +11,7 @@ node gets Flower's `partition-id` and takes that shard of the run's dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -154,6 +155,9 @@ def handle_train(msg: Message, context: Context, config: Config) -> Message:
         record["refused"] = reason
         return Message(RecordDict({"privacy": record}), reply_to=msg)
 
+    sent = msg.content.config_records.get("config")
+    if sent is not None and "proximal-mu" in sent:  # FedProx
+        settings = dataclasses.replace(settings, proximal_mu=float(sent["proximal-mu"]))
     global_arrays = msg.content["arrays"]
     model = _model_for(config, train, global_arrays)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}

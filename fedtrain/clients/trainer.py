@@ -25,6 +25,7 @@ class TrainSettings:
     lr: float
     momentum: float
     max_grad_norm: float
+    proximal_mu: float = 0.0  # FedProx: the server's strategy sends it with each round
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def train_round(
     noise_generator.manual_seed(secrets.randbits(63))
 
     model.to(device).train()
+    anchor = [p.detach().clone() for p in model.parameters()]  # w_t, for FedProx's proximal term
     dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
     loader = DataLoader(dataset, batch_size=settings.batch_size, pin_memory=device.type == "cuda")
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
@@ -110,6 +112,12 @@ def train_round(
             with _quiet_opacus():
                 loss.backward()
             private_optimizer.step()
+            if settings.proximal_mu > 0:
+                # The proximal term's gradient mu (w - w_t) depends on no example: it is applied after the
+                # private step, outside clipping and noise, and costs no privacy.
+                with torch.no_grad():
+                    for param, start in zip(model.parameters(), anchor, strict=True):
+                        param.add_(param - start, alpha=-settings.lr * settings.proximal_mu)
             if len(y):
                 loss_sum += loss.item() * len(y)
                 loss_count += len(y)

@@ -37,6 +37,7 @@ from fedtrain.security.kits import read_kit, unlocked_key
 from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.history import METRICS_JSON
 from fedtrain.server.model_files import MODEL_FILE
+from fedtrain.strategies import make_strategy
 
 CONNECTION = "fedtrain"
 POLL_SECONDS = 1.0
@@ -66,9 +67,11 @@ def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
             "add them to the --config file."
         )
     kit = options.kit.resolve()
-    return config.replace(
+    config = config.replace(
         run_dir=str(run_dir.resolve()), key_file=str(kit / "model.key"), kit=str(kit), clients=options.min_clients
     )
+    make_strategy(config)  # its name and parameters, before anything starts
+    return config
 
 
 def write_app(app_dir: Path, config: Config) -> Path:

@@ -113,7 +113,7 @@ class Federation:
         global_np = {k: v.numpy() for k, v in state.items()}
         messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
         replies, unopened = self._exchange(grid, messages, server_round)
-        screened = screen(replies, global_np, self.node_names, self._node_of)
+        screened = screen(replies, global_np, self.node_names, self._node_of, self.config.max_update_norm)
         screened.failed.update({self.node_names.get(node, f"node-{node}"): why for node, why in unopened.items()})
         self._note_missing(messages, [*(self._node_of(r) for r in replies), *unopened], screened.failed)
         self.privacy.update(screened.privacy)

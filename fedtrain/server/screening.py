@@ -1,7 +1,8 @@
 """Sort train replies into accepted updates, refusals and failures, before any aggregation.
 
-An update is accepted only if it has exactly the global model's tensors, shapes and dtypes and
-every value is finite; anything else is a failure with a reason, and never reaches the model.
+An update is accepted only if it has exactly the global model's tensors, shapes and dtypes, every
+value is finite and (when max_update_norm is set) its L2 norm is within the bound; anything else is
+a failure with a reason, and never reaches the model.
 """
 
 from __future__ import annotations
@@ -49,15 +50,22 @@ def error_reason(msg: Message) -> str:
     return last.rstrip("'>").strip() or "client error"
 
 
-def _check_update(update: ArrayRecord, global_arrays: dict[str, np.ndarray]) -> str | None:
+def _check_update(
+    update: ArrayRecord, global_arrays: dict[str, np.ndarray], max_norm: float | None = None
+) -> str | None:
     if set(update.keys()) != set(global_arrays):
         return "its update has different tensors than the global model"
+    squares = 0.0
     for name, array in update.items():
         value, reference = array.numpy(), global_arrays[name]
         if value.shape != reference.shape or value.dtype != reference.dtype:
             return f"tensor {name} has shape {value.shape}/{value.dtype}, expected {reference.shape}/{reference.dtype}"
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            return f"tensor {name} contains NaN or infinite values"
+        if np.issubdtype(value.dtype, np.floating):
+            if not np.isfinite(value).all():
+                return f"tensor {name} contains NaN or infinite values"
+            squares += float(np.sum(np.square(value, dtype=np.float64)))
+    if max_norm is not None and squares**0.5 > max_norm:
+        return f"its L2 norm {squares**0.5:.4g} exceeds max_update_norm = {max_norm:g}"
     return None
 
 
@@ -66,6 +74,7 @@ def screen(
     global_arrays: dict[str, np.ndarray],
     known: dict[int, str],
     node_of: Callable[[Message], int] = lambda msg: msg.metadata.src_node_id,
+    max_update_norm: float | None = None,
 ) -> Screened:
     """Accepted replies come back holding client *weights* w_t + d, ready for a Flower strategy.
 
@@ -94,7 +103,7 @@ def screen(
             continue
         update = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
-        problem = _check_update(update, global_arrays)
+        problem = _check_update(update, global_arrays, max_update_norm)
         examples = metrics.get("num-examples")
         if problem is None and (not isinstance(examples, (int, float)) or not examples > 0):
             problem = "it reports no training examples"

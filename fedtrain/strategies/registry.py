@@ -1,36 +1,119 @@
-"""Registry of aggregation strategies. Each entry builds a Flower strategy from a Config.
+"""Registry of aggregation strategies: each name builds one of Flower's strategies from a Config.
 
-Flower strategies see what they expect: client *weights*. The server loop turns each client's
-update d into w_t + d before aggregation, so every Flower strategy (mean, median, FedOpt...)
-applies unchanged.
+Flower strategies see what they expect: client *weights*. The server loop screens every update d
+(shapes, dtypes, finite values, optional norm bound) and turns it into w_t + d before aggregation,
+so every Flower strategy (mean, median, Krum, FedOpt...) applies unchanged, and fedtrain's own
+behaviour (encryption, screening, checkpoints, metrics) wraps it. Each entry checks its own
+parameters against the federation's size, so a bad combination fails before anything starts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 
 
-def _fedavg(config: Config) -> Strategy:
-    return FedAvg(
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
+def _common(config: Config) -> dict[str, Any]:
+    return {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if config.fraction_evaluate > 0 else 0,
         # The loop waits (bounded) for min_fit_clients before each round; Flower's own wait has no bound.
-        min_available_nodes=config.min_fit_clients,
-    )
+        "min_available_nodes": config.min_fit_clients,
+    }
 
 
-STRATEGIES: dict[str, Callable[[Config], Strategy]] = {"fedavg": _fedavg}
+def _sampled(config: Config) -> int:
+    """Updates a round aggregates at most (the Byzantine bounds are checked against this)."""
+    return max(1, int(config.clients * config.fraction_train))
 
 
-def make_strategy(config: Config, name: str = "fedavg") -> Strategy:
+def _fedopt(cls: type, config: Config, betas: bool = True) -> Strategy:
+    options: dict[str, Any] = {"eta": config.server_lr if config.server_lr is not None else 0.1, "tau": config.tau}
+    if betas:
+        options.update(beta_1=config.beta_1, beta_2=config.beta_2)
+    return cls(**_common(config), **options)
+
+
+def _byzantine(config: Config, name: str, needed: Callable[[int], int]) -> int:
+    f, n = config.num_malicious, _sampled(config)
+    if n < needed(f):
+        raise FedtrainError(
+            f"{name} with num_malicious = {f} needs at least {needed(f)} clients per round, this run has {n}; "
+            "add clients or lower num_malicious."
+        )
+    return f
+
+
+def _krum(config: Config) -> Strategy:
+    return Krum(**_common(config), num_malicious_nodes=_byzantine(config, "krum", lambda f: 2 * f + 3))
+
+
+def _multikrum(config: Config) -> Strategy:
+    f = _byzantine(config, "multikrum", lambda f: 2 * f + 3)
+    m = config.num_selected if config.num_selected is not None else _sampled(config) - f
+    if not 1 <= m <= _sampled(config) - f:
+        raise FedtrainError(
+            f"multikrum's num_selected must be between 1 and clients - num_malicious ({_sampled(config) - f}), not {m}."
+        )
+    return MultiKrum(**_common(config), num_malicious_nodes=f, num_nodes_to_select=m)
+
+
+def _bulyan(config: Config) -> Strategy:
+    return Bulyan(**_common(config), num_malicious_nodes=_byzantine(config, "bulyan", lambda f: 4 * f + 3))
+
+
+def _trimmed_mean(config: Config) -> Strategy:
+    if not 0.0 <= config.trim_beta < 0.5:
+        raise FedtrainError(f"trim_beta must be in [0, 0.5), the share cut at each end, not {config.trim_beta}.")
+    return FedTrimmedAvg(**_common(config), beta=config.trim_beta)
+
+
+def _fedavgm(config: Config) -> Strategy:
+    lr = config.server_lr if config.server_lr is not None else 1.0
+    return FedAvgM(**_common(config), server_learning_rate=lr, server_momentum=config.server_momentum)
+
+
+STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
+    "fedavg": lambda config: FedAvg(**_common(config)),
+    "fedprox": lambda config: FedProx(**_common(config), proximal_mu=config.proximal_mu),
+    "fedadam": lambda config: _fedopt(FedAdam, config),
+    "fedyogi": lambda config: _fedopt(FedYogi, config),
+    "fedadagrad": lambda config: _fedopt(FedAdagrad, config, betas=False),
+    "fedavgm": _fedavgm,
+    "krum": _krum,
+    "multikrum": _multikrum,
+    "bulyan": _bulyan,
+    "median": lambda config: FedMedian(**_common(config)),
+    "trimmed-mean": _trimmed_mean,
+}
+
+
+def make_strategy(config: Config) -> Strategy:
+    """The Flower strategy that `config.strategy` names, its parameters checked."""
     try:
-        return STRATEGIES[name](config)
+        build = STRATEGIES[config.strategy]
     except KeyError:
-        raise FedtrainError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.") from None
+        raise FedtrainError(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}.") from None
+    if config.strategy == "fedprox" and config.proximal_mu <= 0:
+        raise FedtrainError("fedprox needs proximal_mu > 0 (for example 0.01); with 0 it is fedavg.")
+    return build(config)

@@ -1,0 +1,34 @@
+"""Local DP-SGD round: FedProx's proximal step is applied after the private step."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedtrain.clients.ledger import PrivacyLedger
+from fedtrain.clients.trainer import TrainSettings, train_round
+from fedtrain.data import Dataset
+from fedtrain.models import build_model
+
+
+def _round(proximal_mu: float) -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
+    model = build_model("logistic", [4], 3, seed=0)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(16, 2, 0.5, 0.0, 1.0, proximal_mu=proximal_mu)
+    result = train_round(model, data, settings, 1.0, PrivacyLedger(delta=1e-5), torch.device("cpu"))
+    assert result.entry.steps == 8
+    return before, model.state_dict()
+
+
+def test_a_full_proximal_step_pulls_the_model_back_to_the_global_weights() -> None:
+    # lr * mu = 1: after every private step, w <- w - (w - w_t) = w_t, whatever the noise and sampling did
+    before, after = _round(proximal_mu=2.0)
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v)
+
+
+def test_without_the_proximal_term_the_model_moves() -> None:
+    before, after = _round(proximal_mu=0.0)
+    assert any(not torch.allclose(after[k], v) for k, v in before.items())
