@@ -6,6 +6,10 @@ The federation is simulated in-process: a grid whose seven nodes answer each rou
 message with a fixed update d (fedtrain's reply format). The loop screens the updates, turns them
 into weights w_t + d, aggregates with the named Flower strategy, checkpoints; the test reads back
 the global weights each node is sent in the next round.
+
+The malicious-client tests run fedtrain's real client handlers in-process (DP-SGD on digits shards)
+with one client sending large random weights: robust strategies and the norm bound keep accuracy in
+band, plain FedAvg collapses (the control).
 """
 
 from __future__ import annotations
@@ -233,3 +237,89 @@ def test_a_bad_update_is_rejected_with_its_reason_and_never_reaches_the_model(tm
     expected = weighted_mean({k: v.astype(np.float64) for k, v in ws.items()}, ds)
     for k, got in grid.sent[2].items():
         np.testing.assert_allclose(got, expected[k], rtol=1e-4, atol=1e-5)
+
+
+class InProcessFederation:
+    """A grid whose nodes run fedtrain's real train and evaluate handlers in this process (DP-SGD on
+    their digits shard, ledger and all), without Ray; node `attacker` replaces its update by `attack`."""
+
+    def __init__(self, config: Config, attacker: int, attack) -> None:
+        from flwr.app import Context
+
+        self.config, self.attacker, self.attack = config, attacker, attack
+        self.contexts = {
+            pid + 1: Context(1, pid + 1, {"partition-id": pid, "num-partitions": config.clients}, RecordDict(), {})
+            for pid in range(config.clients)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from fedtrain.clients.app import handle_evaluate, handle_train
+
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            handler = handle_train if msg.metadata.message_type == "train" else handle_evaluate
+            reply = handler(msg, self.contexts[node], self.config)
+            if handler is handle_train and node == self.attacker:
+                update = reply.content["arrays"]
+                reply.content["arrays"] = ArrayRecord({k: Array(self.attack(v.numpy())) for k, v in update.items()})
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def no_accounting(monkeypatch):
+    """Accounting is tested in test_privacy_references.py; here it would be 90% of the run time."""
+    from fedtrain.clients.ledger import PrivacyLedger
+
+    monkeypatch.setattr(PrivacyLedger, "epsilon", lambda self, extra=None: 0.0)
+
+
+def _poisoned_run(tmp_path, strategy: str, **options) -> list[dict]:
+    """Six digits clients, DP-SGD (noise multiplier 1) over 8 rounds; client 6 sends large random weights."""
+    from fedtrain.simulation import prepare
+
+    key = write_key_file(tmp_path / "model.key", generate_key())
+    config, test_set = prepare(
+        Config(
+            clients=6,
+            rounds=8,
+            noise_multiplier=1.0,
+            target_epsilon=None,
+            fraction_evaluate=0.0,
+            run_dir=str(tmp_path / "run"),
+            key_file=str(key),
+            strategy=strategy,
+        ).replace(**options)  # fmt: skip
+    )
+    rng = np.random.default_rng(7)
+    grid = InProcessFederation(config, attacker=6, attack=lambda d: rng.normal(0, 10, d.shape).astype(d.dtype))
+    return Federation(config, test_set=test_set, on_round=lambda row: None).run(grid)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [
+        ("median", {}),
+        ("trimmed-mean", {"trim_beta": 0.2}),
+        ("krum", {"num_malicious": 1}),
+        ("fedavg", {"max_update_norm": 30.0}),
+    ],
+)
+def test_robust_aggregation_or_the_norm_bound_keeps_accuracy_with_one_malicious_client(
+    tmp_path, no_accounting, strategy, options
+):
+    rows = _poisoned_run(tmp_path / strategy, strategy, **options)
+    assert rows[-1]["accuracy"] >= 0.65, [round(r["accuracy"], 3) for r in rows]  # 0.80 to 0.88 measured
+    if "max_update_norm" in options:  # the bound rejects the attacker every round, with the reason
+        assert all("exceeds max_update_norm = 30" in row["failed"]["client-5"] for row in rows)
+
+
+def test_plain_fedavg_without_the_bound_is_poisoned(tmp_path, no_accounting) -> None:
+    """The control: the same attack against plain FedAvg (so the test above can fail)."""
+    rows = _poisoned_run(tmp_path, "fedavg")
+    assert rows[-1]["accuracy"] < 0.3, [round(r["accuracy"], 3) for r in rows]  # about 0.1: chance
