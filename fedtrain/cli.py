@@ -34,11 +34,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _round_table(rows: list[dict[str, Any]], total: int) -> Table:
+def _round_table(rows: list[dict[str, Any]], total: int, client_level: bool = False) -> Table:
     table = Table(title=f"fedtrain simulate: {len(rows)}/{total} rounds", title_justify="left")
-    for column in ("round", "acc", "loss", "train", "ok", "refused", "failed", "max eps", "sec"):
+    columns = ("round", "acc", "loss", "train", "ok", "refused", "failed", "max eps", "sec")
+    for column in columns[:-1] + (("client eps",) if client_level else ()) + columns[-1:]:
         table.add_column(column, justify="right")
     for row in rows:
+        client_eps = (_fmt(row.get("client_epsilon"), 3),) if client_level else ()
         table.add_row(
             str(row["round"]),
             _fmt(row["accuracy"]),
@@ -48,6 +50,7 @@ def _round_table(rows: list[dict[str, Any]], total: int) -> Table:
             str(row["clients_refused"]),
             str(row["clients_failed"]),
             _fmt(row["epsilon_max"], 3),
+            *client_eps,
             _fmt(row["seconds"], 1),
         )
     return table
@@ -87,6 +90,16 @@ def simulate(
     max_update_norm: Annotated[
         float | None, typer.Option(help="Reject client updates whose L2 norm is larger.")
     ] = None,
+    central_dp: Annotated[
+        str | None, typer.Option(help="Client-level DP on the server: off, fixed or adaptive clipping.")
+    ] = None,
+    central_noise_multiplier: Annotated[float | None, typer.Option(help="Client-level DP noise multiplier.")] = None,
+    central_clipping_norm: Annotated[
+        float | None, typer.Option(help="Client-level DP update bound (adaptive: its start).")
+    ] = None,
+    max_client_epsilon: Annotated[
+        float | None, typer.Option(help="Refuse a run whose client-level epsilon would exceed this.")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
@@ -113,11 +126,12 @@ def simulate(
     console.print(f"run directory: {path}")
 
     rows: list[dict[str, Any]] = []
-    with Live(_round_table(rows, resolved.rounds), console=console, refresh_per_second=4) as live:
+    client_level = resolved.central_dp != "off"
+    with Live(_round_table(rows, resolved.rounds, client_level), console=console, refresh_per_second=4) as live:
 
         def on_round(row: dict[str, Any]) -> None:
             rows.append(row)
-            live.update(_round_table(rows, resolved.rounds))
+            live.update(_round_table(rows, resolved.rounds, client_level))
 
         simulation.run(resolved, on_round=on_round, verbose=verbose)
     console.print()
@@ -138,6 +152,13 @@ def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
         console.print(
             f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
             f"{len(info['ledger'])} rounds, {steps} DP-SGD steps"
+        )
+    client_level = privacy.get("client_level")
+    if client_level:
+        console.print(
+            f"  client level ({client_level['mechanism']}): epsilon {_fmt(client_level['epsilon'], 3)} at delta "
+            f"{client_level['delta']:g} over {len(client_level['released_rounds'])} released rounds, noise "
+            f"multiplier {client_level['noise_multiplier']:g} (RDP, no sampling amplification)"
         )
     console.print(
         f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
@@ -268,7 +289,8 @@ def server(
         console.print(
             f"round {row['round']}/{resolved.rounds}: accuracy {_fmt(row['accuracy'])}, max epsilon "
             f"{_fmt(row['epsilon_max'], 3)}, clients ok {row['clients_ok']}, refused {row['clients_refused']}, "
-            f"failed {row['clients_failed']}",
+            f"failed {row['clients_failed']}"
+            + (f", client-level epsilon {row['client_epsilon']:.3f}" if row.get("client_epsilon") is not None else ""),
             highlight=False,
         )
 

@@ -25,6 +25,7 @@ else:  # pragma: no cover - Python 3.10
 
 PARTITIONS = ("iid", "dirichlet")
 ACCOUNTANTS = ("prv", "rdp")
+CENTRAL_DP_MODES = ("off", "fixed", "adaptive")
 
 
 @dataclass
@@ -60,6 +61,14 @@ class Config:
     num_malicious: int = 0
     num_selected: int | None = None
     trim_beta: float = 0.2
+    # client-level (central) DP on the server: clip each update, noise the mean (docs/strategies.md)
+    central_dp: str = "off"  # off | fixed | adaptive
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0  # the bound (fixed) or its starting value (adaptive)
+    central_target_quantile: float = 0.5  # adaptive: share of updates meant to fall under the bound
+    central_clip_lr: float = 0.2  # adaptive: how fast the bound follows that quantile
+    central_delta: float | None = None  # unset: 1e-5, or 1 / (10 * clients) if smaller
+    max_client_epsilon: float | None = None  # a run whose planned rounds would exceed it does not start
     # model and local training
     # The demo's defaults, chosen by a search over DP-FedAvg settings on digits at epsilon 3
     # (see docs/privacy.md): plain logistic regression, large Poisson batches, two local epochs.
@@ -122,6 +131,7 @@ class Config:
             _positive(self, "noise_multiplier")
         if self.delta is not None:
             _in_range(self, "delta", 0.0, 1.0, low_open=True, high_open=True)
+        self._validate_central_dp()
         if self.num_classes is not None and self.num_classes < 2:
             raise FedtrainError(f"num_classes must be at least 2, not {self.num_classes}.")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -134,6 +144,21 @@ class Config:
         if self.input_shape is not None and (not self.input_shape or any(int(d) < 1 for d in self.input_shape)):
             raise FedtrainError(f"input_shape must be positive sizes, not {self.input_shape}.")
         return self
+
+    def _validate_central_dp(self) -> None:
+        if self.central_dp not in CENTRAL_DP_MODES:
+            raise FedtrainError(f"central_dp must be one of {', '.join(CENTRAL_DP_MODES)}, not {self.central_dp!r}.")
+        _positive(self, "central_noise_multiplier", "central_clipping_norm", "central_clip_lr")
+        _in_range(self, "central_target_quantile", 0.0, 1.0)
+        if self.central_delta is not None:
+            _in_range(self, "central_delta", 0.0, 1.0, low_open=True, high_open=True)
+        if self.max_client_epsilon is not None:
+            _positive(self, "max_client_epsilon")
+
+    @property
+    def effective_central_delta(self) -> float:
+        """delta for client-level DP: well below 1 / clients, the population it protects."""
+        return self.central_delta if self.central_delta is not None else min(1e-5, 1 / (10 * self.clients))
 
     @property
     def effective_max_epsilon(self) -> float | None:
@@ -205,7 +230,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert one raw value to the field's type, or raise a one-sentence error."""
     default = getattr(Config(), name)
     kind = type(default) if default is not None else None
-    if name in ("target_epsilon", "noise_multiplier", "delta", "max_epsilon"):
+    if name in ("target_epsilon", "noise_multiplier", "delta", "max_epsilon", "central_delta", "max_client_epsilon"):
         kind = float
     elif name in ("num_classes",):
         kind = int

@@ -25,6 +25,7 @@ CSV_COLUMNS = (
     "clients_refused",
     "clients_failed",
     "epsilon_max",
+    "client_epsilon",
     "seconds",
 )
 
@@ -53,8 +54,11 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / METRICS_CSV, buffer.getvalue())
 
 
-def write_privacy_report(run_dir: Path, clients: dict[str, ClientPrivacy]) -> None:
-    """privacy.json: per client its accountant, delta, full ledger and reported epsilon, to recompute."""
+def write_privacy_report(
+    run_dir: Path, clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None
+) -> None:
+    """privacy.json: per client its accountant, delta, full ledger and reported epsilon, to recompute;
+    with client-level DP on, also its mechanism and the rounds it released."""
     report = {
         "note": "epsilon is cumulative over every ledger entry (one per round the client trained); "
         "recompute it with any accountant from noise_multiplier, sample_rate and steps.",
@@ -71,6 +75,8 @@ def write_privacy_report(run_dir: Path, clients: dict[str, ClientPrivacy]) -> No
             for cid, info in sorted(clients.items())
         },
     }
+    if client_level is not None:
+        report["client_level"] = client_level
     atomic_write_text(run_dir / PRIVACY_JSON, json.dumps(report, indent=2) + "\n")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import fedtrain
 from fedtrain.config import Config
@@ -36,7 +37,7 @@ from fedtrain.server import history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.payload_sealer import PayloadSealer
 from fedtrain.server.screening import ClientPrivacy, screen
-from fedtrain.strategies import make_strategy
+from fedtrain.strategies import central_dp, make_strategy
 
 log = logging.getLogger("fedtrain")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -77,6 +78,9 @@ class Federation:
         self.node_names: dict[int, str] = {}
         self._plotted = time.monotonic()
         self._recipients: dict[str, int] = {}  # the last exchange: message id -> the node it went to
+        self.released: list[int] = []  # rounds whose model client-level DP released (when it is on)
+        # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
+        self.clients_needed = config.clients if central_dp.uses_central_dp(config) else config.min_fit_clients
 
     # ------------------------------------------------------------------ files
 
@@ -111,7 +115,7 @@ class Federation:
         started = time.monotonic()
         self._wait_for_clients(grid, server_round)
         global_np = {k: v.numpy() for k, v in state.items()}
-        messages = list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
+        messages = self._configure_train(grid, strategy, server_round, state)
         replies, unopened = self._exchange(grid, messages, server_round)
         screened = screen(replies, global_np, self.node_names, self._node_of, self.config.max_update_norm)
         screened.failed.update({self.node_names.get(node, f"node-{node}"): why for node, why in unopened.items()})
@@ -124,6 +128,15 @@ class Federation:
             if arrays is not None:
                 state = OrderedDict(
                     (k, torch.from_numpy(np.asarray(a.numpy(), dtype=global_np[k].dtype))) for k, a in arrays.items()
+                )
+                self.released.append(server_round)
+            elif central_dp.uses_central_dp(self.config):
+                log.warning(
+                    "round %d: %d of %d updates usable; client-level DP releases a round only with all of "
+                    "them, so the model stays as it was and no client-level privacy is spent.",
+                    server_round,
+                    len(screened.accepted),
+                    len(messages),
                 )
             train_loss = _mean_metric(metrics, "train-loss")
         for name, reason in {**screened.failed, **screened.refused}.items():
@@ -144,6 +157,8 @@ class Federation:
             "clients_failed": len(screened.failed),
             "epsilon_max": max((p.epsilon for p in self.privacy.values()), default=0.0),
             "epsilon": {cid: p.epsilon for cid, p in sorted(self.privacy.items())},
+            "client_epsilon": central_dp.spent_epsilon(strategy),
+            "client_clipping_norm": getattr(strategy, "clipping_norm", None),
             "refused": dict(screened.refused),
             "failed": dict(screened.failed),
             "seconds": round(time.monotonic() - started, 3),
@@ -151,7 +166,9 @@ class Federation:
         self.rows.append(row)
         stops = bool(screened.failed) and not enough and not screened.refused  # refusals (spent budgets) are policy
         history.write_metrics(self.run_dir, self.rows)
-        history.write_privacy_report(self.run_dir, self.privacy)
+        history.write_privacy_report(
+            self.run_dir, self.privacy, central_dp.report(strategy, self.config, self.released)
+        )
         if stops or server_round == self.config.rounds or time.monotonic() - self._plotted >= PLOT_EVERY_SECONDS:
             history.write_plot(self.run_dir, self.rows)  # 0.2 s or more of a round: not every round
             self._plotted = time.monotonic()
@@ -168,14 +185,33 @@ class Federation:
 
     def _wait_for_clients(self, grid: Grid, server_round: int) -> None:
         deadline = time.monotonic() + self.config.round_timeout
-        while (online := len(list(grid.get_node_ids()))) < self.config.min_fit_clients:
+        needed = self.clients_needed
+        while (online := len(list(grid.get_node_ids()))) < needed:
             if time.monotonic() > deadline:
+                why = (
+                    "clients (client-level DP needs all)"
+                    if central_dp.uses_central_dp(self.config)
+                    else ("min_fit_clients")
+                )
                 raise FedtrainError(
-                    f"round {server_round}: {online} clients online, fewer than min_fit_clients = "
-                    f"{self.config.min_fit_clients}, for round_timeout ({self.config.round_timeout:.0f} s); the run "
-                    f"stops, its last good model is in {self.run_dir / CHECKPOINT_FILE}."
+                    f"round {server_round}: {online} clients online, fewer than {why} = {needed}, for "
+                    f"round_timeout ({self.config.round_timeout:.0f} s); the run stops, its last good model is in "
+                    f"{self.run_dir / CHECKPOINT_FILE}."
                 )
             time.sleep(1)
+
+    def _configure_train(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> list[Message]:
+        try:
+            return list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
+        except PrivacyBudgetExhausted:
+            spent = central_dp.spent_epsilon(strategy)
+            raise FedtrainError(
+                f"round {server_round}: another release would take client-level epsilon past max_client_epsilon = "
+                f"{self.config.max_client_epsilon:g} (spent {spent:.3f}); the run stops, its last model is in "
+                f"{self.run_dir / CHECKPOINT_FILE}."
+            ) from None
+        except ValueError as exc:  # Flower's DP wrapper: the sample is not the size the noise was set for
+            raise FedtrainError(f"round {server_round}: client-level DP cannot run this round ({exc}).") from None
 
     def _exchange(self, grid: Grid, messages: list[Message], server_round: int) -> tuple[list[Message], dict[int, str]]:
         """Send and receive, sealing and opening payloads when end-to-end encryption is on."""

@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtrain.clients.ledger import PrivacyLedger
+from fedtrain.strategies.central_dp import UNIT_WEIGHT
 
 
 @dataclass
@@ -110,6 +111,7 @@ def screen(
         if problem:
             out.failed[name] = f"rejected update: {problem}"
             continue
+        metrics[UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
         weights = ArrayRecord({k: Array(global_arrays[k] + update[k].numpy()) for k in global_arrays})
         msg.content = RecordDict({"arrays": weights, "metrics": metrics})  # what Flower strategies expect
         out.accepted.append(msg)

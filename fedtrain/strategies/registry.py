@@ -29,10 +29,13 @@ from flwr.serverapp.strategy import (
 
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
+from fedtrain.strategies import central_dp
 
 
 def _common(config: Config) -> dict[str, Any]:
+    weighting = {"weighted_by_key": central_dp.UNIT_WEIGHT} if central_dp.uses_central_dp(config) else {}
     return {
+        **weighting,
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": 1,
@@ -42,7 +45,7 @@ def _common(config: Config) -> dict[str, Any]:
     }
 
 
-def _sampled(config: Config) -> int:
+def sampled(config: Config) -> int:
     """Updates a round aggregates at most (the Byzantine bounds are checked against this)."""
     return max(1, int(config.clients * config.fraction_train))
 
@@ -55,7 +58,7 @@ def _fedopt(cls: type, config: Config, betas: bool = True) -> Strategy:
 
 
 def _byzantine(config: Config, name: str, needed: Callable[[int], int]) -> int:
-    f, n = config.num_malicious, _sampled(config)
+    f, n = config.num_malicious, sampled(config)
     if n < needed(f):
         raise FedtrainError(
             f"{name} with num_malicious = {f} needs at least {needed(f)} clients per round, this run has {n}; "
@@ -70,10 +73,10 @@ def _krum(config: Config) -> Strategy:
 
 def _multikrum(config: Config) -> Strategy:
     f = _byzantine(config, "multikrum", lambda f: 2 * f + 3)
-    m = config.num_selected if config.num_selected is not None else _sampled(config) - f
-    if not 1 <= m <= _sampled(config) - f:
+    m = config.num_selected if config.num_selected is not None else sampled(config) - f
+    if not 1 <= m <= sampled(config) - f:
         raise FedtrainError(
-            f"multikrum's num_selected must be between 1 and clients - num_malicious ({_sampled(config) - f}), not {m}."
+            f"multikrum's num_selected must be between 1 and clients - num_malicious ({sampled(config) - f}), not {m}."
         )
     return MultiKrum(**_common(config), num_malicious_nodes=f, num_nodes_to_select=m)
 
@@ -116,4 +119,5 @@ def make_strategy(config: Config) -> Strategy:
         raise FedtrainError(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}.") from None
     if config.strategy == "fedprox" and config.proximal_mu <= 0:
         raise FedtrainError("fedprox needs proximal_mu > 0 (for example 0.01); with 0 it is fedavg.")
-    return build(config)
+    strategy = build(config)
+    return central_dp.wrap(config, strategy, sampled(config)) if central_dp.uses_central_dp(config) else strategy

@@ -1,0 +1,185 @@
+"""Client-level (central) differential privacy: Flower's server-side clipping wrappers around a
+uniform mean of client updates, accounted with Flower's RDP accountant.
+
+Each round the server clips every update d to L2 norm C, averages over the n sampled clients and
+adds Gaussian noise of standard deviation sigma * C / n (Flower's wrappers). A released round is
+then one Gaussian mechanism with noise multiplier sigma on whole clients' contributions; the rounds
+compose. Which clients are online is up to the clients, not a random draw the server controls, so
+the accounting takes no credit for sampling (Flower's "no-amplification"): an upper bound.
+
+A round is released only when exactly the n sampled clients' updates reach the mean. With fewer,
+the mean divides by fewer and the noise no longer covers one client: such a round keeps the old
+model and spends nothing. Clients are weighted equally, whatever their data size, for the same
+reason: the noise is set for a weight of 1/n per client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+
+from fedtrain.config import Config
+from fedtrain.errors import FedtrainError
+
+UNIT_WEIGHT = "unit-weight"  # every accepted update carries weight 1 under it: a uniform mean
+MEAN_STRATEGIES = ("fedavg", "fedprox")  # the ones whose aggregate is the mean the noise is set for
+
+
+def uses_central_dp(config: Config) -> bool:
+    return config.central_dp != "off"
+
+
+def _accountant(config: Config, max_epsilon: float | None) -> Any:
+    try:
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        return RdpAccountant(
+            PrivacyConfig(
+                target_delta=config.effective_central_delta,
+                population_size=config.clients,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                max_epsilon=max_epsilon,
+            )
+        )
+    except ImportError:
+        raise FedtrainError(
+            "client-level DP accounting needs Flower's accountant: install fedtrain again (it pulls flwr[dp])."
+        ) from None
+
+
+def release(config: Config, sampled: int) -> GaussianPrivacyEvent:
+    """What one released round costs in client-level privacy."""
+    return GaussianPrivacyEvent(
+        noise_multiplier=config.central_noise_multiplier, sample_size=sampled, population_size=config.clients
+    )
+
+
+def planned_epsilon(config: Config, sampled: int, rounds: int) -> float:
+    """Client-level epsilon after `rounds` released rounds (at the run's central delta)."""
+    if rounds == 0:
+        return 0.0
+    accountant = _accountant(config, None)
+    accountant.compose(release(config, sampled), count=rounds)
+    return accountant.get_epsilon(config.effective_central_delta)
+
+
+def check_plan(config: Config, sampled: int) -> None:
+    """Refuse to start a run whose planned rounds would exceed max_client_epsilon."""
+    limit = config.max_client_epsilon
+    if limit is None:
+        return
+    planned = planned_epsilon(config, sampled, config.rounds)
+    if planned <= limit:
+        return
+    low, high = 0, config.rounds  # the most rounds that fit: planned_epsilon grows with rounds
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if planned_epsilon(config, sampled, mid) <= limit else (low, mid - 1)
+    raise FedtrainError(
+        f"{config.rounds} rounds of client-level DP with central_noise_multiplier = "
+        f"{config.central_noise_multiplier:g} would spend epsilon {planned:.3f} at delta "
+        f"{config.effective_central_delta:g}, above max_client_epsilon = {limit:g}; "
+        + (f"run at most {low} rounds or raise central_noise_multiplier." if low else "raise central_noise_multiplier.")
+    )
+
+
+def count_stddev(config: Config, sampled: int) -> float:
+    """Noise on the adaptive rule's count of clipped updates. Flower's default n/20 only works when
+    sigma < n/10; past that, sigma itself (which costs the update 15% more noise, never privacy)."""
+    return max(sampled / 20, config.central_noise_multiplier)
+
+
+class AccountedAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's adaptive clipping, released only over all n sampled updates, accounted, and moving
+    its bound in the right direction.
+
+    Flower's adaptive wrapper takes no accountant; by its construction (Andrew et al. 2021) the noisy
+    update and the noisy clipped count together cost one Gaussian mechanism of the configured sigma."""
+
+    def __init__(self, strategy: Strategy, config: Config, sampled: int) -> None:
+        super().__init__(
+            strategy,
+            noise_multiplier=config.central_noise_multiplier,
+            num_sampled_clients=sampled,
+            initial_clipping_norm=config.central_clipping_norm,
+            target_clipped_quantile=config.central_target_quantile,
+            clip_norm_lr=config.central_clip_lr,
+            clipped_count_stddev=count_stddev(config, sampled),
+        )
+        self.accountant = _accountant(config, config.max_client_epsilon)
+        self.event = release(config, sampled)
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        # Andrew et al.'s rule moves the bound by the share of updates *under* it:
+        # C <- C exp(-lr (unclipped - quantile)). Flower 1.42 feeds the clipped share into the same
+        # formula, which shrinks a bound that clips everything, towards 0; correct the sign here.
+        super()._geometric_update(1.0 - clipped_fraction)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if len(replies) != self.num_sampled_clients or any(reply.has_error() for reply in replies):
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.accountant.compose(self.event)
+        return arrays, metrics
+
+
+def wrap(config: Config, base: Strategy, sampled: int) -> Strategy:
+    """`base` wrapped in Flower's central-DP clipping and noise, with its accountant."""
+    if config.strategy not in MEAN_STRATEGIES:
+        raise FedtrainError(
+            f"client-level DP adds noise to a mean of clipped updates; strategy {config.strategy!r} is not a "
+            f'mean: use {" or ".join(MEAN_STRATEGIES)}, or set central_dp = "off".'
+        )
+    check_plan(config, sampled)
+    if config.central_dp == "fixed":
+        return DifferentialPrivacyServerSideFixedClipping(
+            base,
+            noise_multiplier=config.central_noise_multiplier,
+            clipping_norm=config.central_clipping_norm,
+            num_sampled_clients=sampled,
+            accountant=_accountant(config, config.max_client_epsilon),
+        )
+    return AccountedAdaptiveClipping(base, config, sampled)
+
+
+def spent_epsilon(strategy: Strategy) -> float | None:
+    """Client-level epsilon spent so far, or None when the run has no central DP."""
+    accountant = getattr(strategy, "accountant", None)
+    return None if accountant is None else accountant.get_privacy_spent().epsilon
+
+
+def report(strategy: Strategy, config: Config, released_rounds: list[int]) -> dict[str, Any] | None:
+    """The client-level part of privacy.json: enough to recompute epsilon with another accountant."""
+    if not uses_central_dp(config):
+        return None
+    epsilon = spent_epsilon(strategy)
+    return {
+        "mechanism": f"Gaussian on the uniform mean of updates clipped to L2 norm C ({config.central_dp} clipping)",
+        "noise_multiplier": config.central_noise_multiplier,
+        "sampling": "no amplification (every released round counts in full)",
+        "neighbouring": "add or remove one client",
+        "population": config.clients,
+        "delta": config.effective_central_delta,
+        "released_rounds": released_rounds,
+        "epsilon": epsilon if epsilon is not None and math.isfinite(epsilon) else None,
+        "accountant": "RDP (Flower's flwr.supercore.privacy_accounting, backed by Google's dp-accounting)",
+    }
