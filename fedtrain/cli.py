@@ -100,6 +100,10 @@ def simulate(
     max_client_epsilon: Annotated[
         float | None, typer.Option(help="Refuse a run whose client-level epsilon would exceed this.")
     ] = None,
+    secure_aggregation: Annotated[
+        bool | None,
+        typer.Option("--secure-aggregation", help="SecAgg+: the server learns only the sum of the updates."),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
@@ -152,6 +156,12 @@ def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
         console.print(
             f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
             f"{len(info['ledger'])} rounds, {steps} DP-SGD steps"
+        )
+    secure = [row["secure_aggregation"] for row in rows if "secure_aggregation" in row]
+    if secure:
+        console.print(
+            f"  secure aggregation (SecAgg+): the server saw only sums; {sum(s['updates_scaled'] for s in secure)} "
+            f"updates scaled to the range, {sum(s['values_clipped'] for s in secure)} values clipped."
         )
     client_level = privacy.get("client_level")
     if client_level:

@@ -69,6 +69,10 @@ class Config:
     central_clip_lr: float = 0.2  # adaptive: how fast the bound follows that quantile
     central_delta: float | None = None  # unset: 1e-5, or 1 / (10 * clients) if smaller
     max_client_epsilon: float | None = None  # a run whose planned rounds would exceed it does not start
+    # secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_update_bound: float = 10.0  # clients scale updates to this L2 norm; quantisation range [-R, R]
+    secagg_threshold: float = 0.6  # share of a client's shares needed to unmask it if it drops out
     # model and local training
     # The demo's defaults, chosen by a search over DP-FedAvg settings on digits at epsilon 3
     # (see docs/privacy.md): plain logistic regression, large Poisson batches, two local epochs.
@@ -154,6 +158,8 @@ class Config:
             _in_range(self, "central_delta", 0.0, 1.0, low_open=True, high_open=True)
         if self.max_client_epsilon is not None:
             _positive(self, "max_client_epsilon")
+        _positive(self, "secagg_update_bound")
+        _in_range(self, "secagg_threshold", 0.0, 1.0, low_open=True)
 
     @property
     def effective_central_delta(self) -> float:

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from fedtrain.clients import ledger_store
 from fedtrain.clients.encryption_mod import ClientKeys, keys_from_kit, payload_encryption_mod
 from fedtrain.clients.ledger import PrivacyLedger, calibrate_noise, client_delta
+from fedtrain.clients.secure_aggregation import secure_aggregation_mod
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_shard
@@ -204,8 +205,11 @@ def build_client_app(
     """A ClientApp; with `config` it ignores the run config (in-process simulation).
 
     With `keys_for`, every message is end-to-end encrypted (the mod wraps train and evaluate alike).
+    Secure aggregation takes part in a round when the server runs one (its messages say so).
     """
-    client_app = ClientApp(mods=[payload_encryption_mod(keys_for)] if keys_for is not None else [])
+    # Outermost first: payloads are opened before SecAgg+ reads its stage, and sealed after it masks.
+    mods = [payload_encryption_mod(keys_for)] if keys_for is not None else []
+    client_app = ClientApp(mods=[*mods, secure_aggregation_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import fedtrain
+from fedtrain.clients.secure_aggregation import CLIPPED, SCALED
 from fedtrain.config import Config
 from fedtrain.data import Dataset
 from fedtrain.errors import FedtrainError
@@ -36,8 +37,10 @@ from fedtrain.security.keys import load_model_key
 from fedtrain.server import history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.payload_sealer import PayloadSealer
-from fedtrain.server.screening import ClientPrivacy, screen
+from fedtrain.server.screening import ClientPrivacy, Screened, screen, screen_masked
+from fedtrain.server.secure_aggregation import SecureAggregator
 from fedtrain.strategies import central_dp, make_strategy
+from fedtrain.strategies.central_dp import UNIT_WEIGHT
 
 log = logging.getLogger("fedtrain")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -78,6 +81,7 @@ class Federation:
         self.node_names: dict[int, str] = {}
         self._plotted = time.monotonic()
         self._recipients: dict[str, int] = {}  # the last exchange: message id -> the node it went to
+        self.secure = SecureAggregator(config) if config.secure_aggregation else None
         self.released: list[int] = []  # rounds whose model client-level DP released (when it is on)
         # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
         self.clients_needed = config.clients if central_dp.uses_central_dp(config) else config.min_fit_clients
@@ -116,13 +120,19 @@ class Federation:
         self._wait_for_clients(grid, server_round)
         global_np = {k: v.numpy() for k, v in state.items()}
         messages = self._configure_train(grid, strategy, server_round, state)
-        replies, unopened = self._exchange(grid, messages, server_round)
-        screened = screen(replies, global_np, self.node_names, self._node_of, self.config.max_update_norm)
-        screened.failed.update({self.node_names.get(node, f"node-{node}"): why for node, why in unopened.items()})
-        self._note_missing(messages, [*(self._node_of(r) for r in replies), *unopened], screened.failed)
+        secure: dict[str, Any] | None = None
+        if self.secure is not None:
+            screened, secure = self._secure_exchange(grid, messages, server_round, global_np)
+            usable = secure["contributors"]
+        else:
+            replies, unopened = self._exchange(grid, messages, server_round)
+            screened = screen(replies, global_np, self.node_names, self._node_of, self.config.max_update_norm)
+            screened.failed.update({self._name(node): why for node, why in unopened.items()})
+            self._note_missing(messages, [*(self._node_of(r) for r in replies), *unopened], screened.failed)
+            usable = len(screened.accepted)
         self.privacy.update(screened.privacy)
         train_loss = float("nan")
-        enough = len(screened.accepted) >= self.config.min_fit_clients
+        enough = usable >= self.config.min_fit_clients
         if enough:
             arrays, metrics = strategy.aggregate_train(server_round, screened.accepted)
             if arrays is not None:
@@ -152,7 +162,7 @@ class Federation:
             "federated_accuracy": fed_acc,
             "federated_loss": fed_loss,
             "train_loss": train_loss,
-            "clients_ok": len(screened.accepted),
+            "clients_ok": usable,
             "clients_refused": len(screened.refused),
             "clients_failed": len(screened.failed),
             "epsilon_max": max((p.epsilon for p in self.privacy.values()), default=0.0),
@@ -163,6 +173,8 @@ class Federation:
             "failed": dict(screened.failed),
             "seconds": round(time.monotonic() - started, 3),
         }
+        if secure is not None:
+            row["secure_aggregation"] = secure
         self.rows.append(row)
         stops = bool(screened.failed) and not enough and not screened.refused  # refusals (spent budgets) are policy
         history.write_metrics(self.run_dir, self.rows)
@@ -177,7 +189,7 @@ class Federation:
         if stops:
             name, reason = next(iter(screened.failed.items()))
             raise FedtrainError(
-                f"round {server_round}: {len(screened.accepted)} usable updates, fewer than min_fit_clients = "
+                f"round {server_round}: {usable} usable updates, fewer than min_fit_clients = "
                 f"{self.config.min_fit_clients} ({len(screened.failed)} failed, e.g. {name}: {reason}); the run "
                 f"stops, its last good model is in {self.run_dir / CHECKPOINT_FILE}."
             )
@@ -222,6 +234,52 @@ class Federation:
         if self.sealer is None:
             return replies, {}
         return self.sealer.open(replies, server_round)
+
+    def _secure_exchange(
+        self, grid: Grid, messages: list[Message], server_round: int, global_np: dict[str, np.ndarray]
+    ) -> tuple[Screened, dict[str, Any]]:
+        """One round through SecAgg+: the screened ledgers, and at most one accepted reply holding
+        w_t + the mean update (what the strategy aggregates)."""
+        exchange = lambda batch: self._exchange(grid, batch, server_round)  # noqa: E731 - seals each stage
+        outcome = self.secure.run(exchange, messages, server_round, self._node_of)
+        screened = screen_masked(outcome.collected, self.node_names, self._node_of)
+        screened.failed.update({self._name(node): why for node, why in outcome.failed.items()})
+        metrics = [next(iter(r.content.metric_records.values())) for r in screened.accepted if r.content.metric_records]
+        summary = {
+            "contributors": outcome.contributors,
+            "updates_scaled": sum(int(m.get(SCALED, 0)) for m in metrics),
+            "values_clipped": sum(int(m.get(CLIPPED, 0)) for m in metrics),
+        }
+        if summary["values_clipped"]:
+            log.warning(
+                "round %d: %d update values fell outside SecAgg+'s range [-%g, %g] and were clipped.",
+                server_round,
+                summary["values_clipped"],
+                self.config.secagg_update_bound,
+                self.config.secagg_update_bound,
+            )
+        screened.accepted = []
+        if outcome.mean is not None:
+            arrays = ArrayRecord(
+                {
+                    k: Array(np.asarray(global_np[k] + mean, dtype=global_np[k].dtype))
+                    for k, mean in zip(global_np, outcome.mean, strict=True)
+                }
+            )
+            losses = [float(m["train-loss"]) for m in metrics if "train-loss" in m]
+            summary_metrics = MetricRecord(
+                {
+                    "num-examples": outcome.contributors,
+                    "train-loss": float(np.mean(losses)) if losses else float("nan"),
+                    UNIT_WEIGHT: 1,
+                }
+            )
+            content = RecordDict({"arrays": arrays, "metrics": summary_metrics})
+            screened.accepted = [Message(content, dst_node_id=0, message_type="train")]
+        return screened, summary
+
+    def _name(self, node: int) -> str:
+        return self.node_names.get(node, f"node-{node}")
 
     def _node_of(self, reply: Message) -> int:
         """The node a reply answers for: its sender, or for the SuperLink's own error reply about a

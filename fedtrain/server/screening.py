@@ -70,6 +70,27 @@ def _check_update(
     return None
 
 
+def _read_privacy(msg: Message, name: str, out: Screened) -> bool:
+    """Record the reply's ledger; True when the reply is settled here (an error, a refusal, or an
+    unreadable ledger) and carries no update to look at."""
+    if msg.has_error():
+        out.failed[name] = error_reason(msg)
+        return True
+    privacy = msg.content.config_records.get("privacy")
+    if privacy is None:
+        return False
+    try:
+        ledger = PrivacyLedger.from_config_record(privacy)
+        out.privacy[name] = ClientPrivacy(ledger.delta, ledger, float(privacy["epsilon"]))
+    except Exception as exc:  # a malformed ledger is that client's failure, not the run's
+        out.failed[name] = f"unreadable privacy ledger ({exc})"
+        return True
+    if "refused" in privacy:
+        out.refused[name] = str(privacy["refused"])
+        return True
+    return False
+
+
 def screen(
     replies: list[Message],
     global_arrays: dict[str, np.ndarray],
@@ -84,21 +105,9 @@ def screen(
     out = Screened()
     for msg in replies:
         name = _name(msg, node_of(msg), known)
-        if msg.has_error():
-            out.failed[name] = error_reason(msg)
+        if _read_privacy(msg, name, out):
             continue
         content = msg.content
-        privacy = content.config_records.get("privacy")
-        if privacy is not None:
-            try:
-                ledger = PrivacyLedger.from_config_record(privacy)
-                out.privacy[name] = ClientPrivacy(ledger.delta, ledger, float(privacy["epsilon"]))
-            except Exception as exc:  # a malformed ledger is that client's failure, not the run's
-                out.failed[name] = f"unreadable privacy ledger ({exc})"
-                continue
-        if privacy is not None and "refused" in privacy:
-            out.refused[name] = str(privacy["refused"])
-            continue
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             out.failed[name] = "reply does not hold exactly one update and one set of metrics"
             continue
@@ -115,4 +124,14 @@ def screen(
         weights = ArrayRecord({k: Array(global_arrays[k] + update[k].numpy()) for k in global_arrays})
         msg.content = RecordDict({"arrays": weights, "metrics": metrics})  # what Flower strategies expect
         out.accepted.append(msg)
+    return out
+
+
+def screen_masked(replies: list[Message], known: dict[int, str], node_of: Callable[[Message], int]) -> Screened:
+    """Secure aggregation's masked-vector replies: the server can read each client's ledger and
+    metrics, never its update. `accepted` holds the replies whose update is in the masked sum."""
+    out = Screened()
+    for msg in replies:
+        if not _read_privacy(msg, _name(msg, node_of(msg), known), out):
+            out.accepted.append(msg)
     return out

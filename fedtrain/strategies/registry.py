@@ -111,12 +111,35 @@ STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
 }
 
 
+SECURE_AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+
+def _check_secure_aggregation(config: Config) -> None:
+    if config.strategy not in SECURE_AGGREGATION_STRATEGIES:
+        raise FedtrainError(
+            f"with secure aggregation the server sees only the mean of the updates, and strategy "
+            f"{config.strategy!r} needs each one; use {', '.join(SECURE_AGGREGATION_STRATEGIES)}."
+        )
+    if central_dp.uses_central_dp(config):
+        raise FedtrainError(
+            "client-level DP clips each update on the server, which secure aggregation hides from it; "
+            "use one of central_dp and secure_aggregation."
+        )
+    if sampled(config) < 3:
+        raise FedtrainError(
+            f"secure aggregation needs at least 3 clients per round, this run has {sampled(config)}: with 2, "
+            "each learns the other's update from the mean."
+        )
+
+
 def make_strategy(config: Config) -> Strategy:
     """The Flower strategy that `config.strategy` names, its parameters checked."""
     try:
         build = STRATEGIES[config.strategy]
     except KeyError:
         raise FedtrainError(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}.") from None
+    if config.secure_aggregation:
+        _check_secure_aggregation(config)
     if config.strategy == "fedprox" and config.proximal_mu <= 0:
         raise FedtrainError("fedprox needs proximal_mu > 0 (for example 0.01); with 0 it is fedavg.")
     strategy = build(config)
