@@ -112,24 +112,36 @@ def simulate(
     payload_encryption: Annotated[
         bool | None, typer.Option("--payload-encryption", help="Encrypt every message end to end, as deployments do.")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this directory after its last complete round (its own config)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose")}  # every option is a key
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume")}  # every option is a key
     from fedtrain import simulation
     from fedtrain.config import resolve
     from fedtrain.security.keys import load_model_key
     from fedtrain.strategies import make_strategy
 
+    if resume is not None:
+        config, overrides["run_dir"] = _resumed_config(resume, config, run_dir), str(resume)
     resolved = resolve(config, overrides)
     make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
-    path = _new_run_dir(resolved.run_dir)
-    model_key = load_model_key(resolved.key_file, create_local=True)
+    path = resume if resume is not None else _new_run_dir(resolved.run_dir)
+    model_key = load_model_key(resolved.key_file, create_local=resume is None)
     resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
     console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
-    console.print(f"run directory: {path}")
+    if resume is not None:
+        from fedtrain.server.checkpoint import preflight
 
-    rows: list[dict[str, Any]] = []
+        done = preflight(resolved)
+        console.print(f"run directory: {path} (resuming after round {done} of {resolved.rounds})")
+    else:
+        console.print(f"run directory: {path}")
+
+    rows: list[dict[str, Any]] = _earlier_rows(path) if resume is not None else []
     client_level = resolved.central_dp != "off"
     with Live(_round_table(rows, resolved.rounds, client_level), console=console, refresh_per_second=4) as live:
 
@@ -137,9 +149,29 @@ def simulate(
             rows.append(row)
             live.update(_round_table(rows, resolved.rounds, client_level))
 
-        simulation.run(resolved, on_round=on_round, verbose=verbose)
+        simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None)
     console.print()
     _print_summary(path, rows)
+
+
+def _resumed_config(resume: Path, config: Path | None, run_dir: str | None) -> Path:
+    """The config a resumed run is checked against: its own config.toml unless --config is given."""
+    if run_dir is not None:
+        raise FedtrainError("give --resume RUN_DIR or --run-dir, not both: a resumed run stays where it is.")
+    own = resume / "config.toml"
+    if config is None and not own.is_file():
+        raise FedtrainError(f"{resume} is not a fedtrain run directory (no config.toml); check the path.")
+    return config or own
+
+
+def _earlier_rows(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    try:
+        rows = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -272,6 +304,10 @@ def server(
     passphrase_env: Annotated[
         str | None, typer.Option(help="Environment variable holding the passphrase of the kit's private keys.")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this directory after its last complete round (its own config)."),
+    ] = None,
 ) -> None:
     """Run a federation: SuperLink with TLS and node authentication, then the fedtrain run."""
     from fedtrain.config import resolve
@@ -279,8 +315,10 @@ def server(
 
     if insecure:
         _warn_insecure("server")
+    if resume is not None:
+        config, run_dir = _resumed_config(resume, config, run_dir), str(resume)
     resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
-    path = _new_run_dir(resolved.run_dir)
+    path = resume if resume is not None else _new_run_dir(resolved.run_dir)
     options = ServerOptions(
         kit,
         resolved,
@@ -291,6 +329,7 @@ def server(
         database=database,
         insecure=insecure,
         passphrase=_passphrase(passphrase_env),
+        resume=resume is not None,
     )
     rows: list[dict[str, Any]] = []
 

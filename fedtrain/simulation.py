@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -25,10 +26,11 @@ from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.models import build_model
 from fedtrain.partition import simulation_shard, simulation_test_set
-from fedtrain.security.keys import generate_key
+from fedtrain.security.keys import generate_key, load_model_key
 from fedtrain.security.payload import PayloadKeys
 from fedtrain.server.app import build_server_app
 from fedtrain.server.loop import RoundCallback
+from fedtrain.server.model_files import MODEL_FILE
 from fedtrain.strategies import make_strategy
 
 
@@ -101,8 +103,11 @@ def _quiet_flower(verbose: bool) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def run(config: Config, *, on_round: RoundCallback | None = None, verbose: bool = False) -> list[dict[str, Any]]:
-    """Prepare, then run the whole federated training; returns the metrics history (one row per round)."""
+def run(
+    config: Config, *, on_round: RoundCallback | None = None, verbose: bool = False, resume: bool = False
+) -> list[dict[str, Any]]:
+    """Prepare, then run the whole federated training (or, with `resume`, its remaining rounds);
+    returns the metrics history (one row per round, the resumed ones included)."""
     from flwr.simulation import run_simulation
 
     config, test_set = prepare(config)
@@ -114,8 +119,9 @@ def run(config: Config, *, on_round: RoundCallback | None = None, verbose: bool 
             on_round(row)
 
     payload_keys, keys_for = _simulation_keys(config) if config.payload_encryption else (None, None)
-    server_app = build_server_app(config, test_set=test_set, on_round=record, payload_keys=payload_keys)
-    client_app = build_client_app(config, keys_for=keys_for)
+    server_app = build_server_app(config, test_set=test_set, on_round=record, payload_keys=payload_keys, resume=resume)
+    # Simulated clients keep their ledgers on disk under the run's model key, so a resume continues them.
+    client_app = build_client_app(config, keys_for=keys_for, ledger_key=load_model_key(config.key_file).key)
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
@@ -130,6 +136,7 @@ def run(config: Config, *, on_round: RoundCallback | None = None, verbose: bool 
             )
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-    if len(rows) != config.rounds:
-        raise FedtrainError(f"the simulation stopped after {len(rows)} of {config.rounds} rounds; see the log above.")
+    if not (Path(str(config.run_dir)) / MODEL_FILE).exists():  # Flower logs a ServerApp's error and returns
+        last = rows[-1]["round"] if rows else "no"
+        raise FedtrainError(f"the simulation stopped after {last} round(s) of {config.rounds}; see the log above.")
     return rows

@@ -116,3 +116,14 @@ def test_cli_refuses_a_run_over_max_client_epsilon(tmp_path, capsys) -> None:
     assert code == 2 and "Traceback" not in err
     assert "above max_client_epsilon = 1; raise central_noise_multiplier." in err
     assert not run_dir.exists()
+
+
+def test_noise_does_not_come_from_numpys_global_generator(tmp_path) -> None:
+    """Flower draws it from np.random, which any code can seed; fedtrain's is private: two runs from
+    the same NumPy seed release different models."""
+    released = []
+    for name in ("a", "b"):
+        np.random.seed(0)
+        grid, _ = run(tmp_path / name, "fedavg", rounds=2, central_dp="fixed")
+        released.append(np.concatenate([v.ravel() for v in grid.sent[2].values()]))
+    assert not np.allclose(released[0], released[1])

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 import fedtrain.clients.app as client_app_module
 import fedtrain.clients.secure_aggregation as client_secagg
-from fedtrain.clients.app import build_client_app
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.security.keys import generate_key, write_key_file
@@ -34,34 +31,25 @@ from fedtrain.server.loop import Federation
 from fedtrain.server.payload_sealer import PayloadSealer
 from fedtrain.simulation import _simulation_keys, prepare
 from fedtrain.strategies import make_strategy
+from tests.inprocess import AppGrid, over_the_wire
 from tests.test_strategies import no_accounting, task_identity  # noqa: F401 (fixtures)
 
 CLIENTS, BOUND, LEVELS = 4, 10.0, 2**22  # LEVELS: Flower's default quantisation range
 pytestmark = pytest.mark.usefixtures("no_accounting")  # accounting is tested elsewhere; here it is time
 
 
-def over_the_wire(content: RecordDict) -> RecordDict:
-    return recorddict_from_proto(recorddict_to_proto(content))
-
-
-class ClientAppGrid:
-    """Nodes running fedtrain's real ClientApp in this process, each with its own persistent Context.
-
-    `wire` keeps every reply's (node, content) exactly as the server receives it; `plain` and `globals` what each
-    client's train handler returned and was sent (from the spy), by (round, node)."""
+class ClientAppGrid(AppGrid):
+    """`wire` keeps every reply's (node, content) exactly as the server receives it; `plain` and
+    `globals` what each client's train handler returned and was sent (from a spy), by (round, node)."""
 
     def __init__(self, config: Config, monkeypatch, keys_for=None, vanish: tuple[int, int] | None = None) -> None:
-        self.app = build_client_app(config, keys_for=keys_for)
-        self.contexts = {
-            pid + 1: Context(1, pid + 1, {"partition-id": pid, "num-partitions": config.clients}, RecordDict(), {})
-            for pid in range(config.clients)
-        }
+        super().__init__(config, keys_for=keys_for)
         self.vanish = vanish  # (round, node): that node dies after training, before it uploads
         self.wire, self.plain, self.globals = [], {}, {}
         real = client_app_module.handle_train
 
-        def spy(msg, context, cfg):
-            reply = real(msg, context, cfg)
+        def spy(msg, context, *rest):
+            reply = real(msg, context, *rest)
             server_round = int(msg.content["config"]["server-round"])
             self.globals[server_round] = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()}
             if "arrays" in reply.content:
@@ -72,23 +60,13 @@ class ClientAppGrid:
 
         monkeypatch.setattr(client_app_module, "handle_train", spy)
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            node = msg.metadata.dst_node_id
-            trained = len(self.plain)
-            msg.content = over_the_wire(msg.content)  # each node gets its own copy, as over a network
-            reply = self.app(msg, self.contexts[node])
-            if self.vanish == (len(self.globals), node) and len(self.plain) > trained:
-                continue  # it died after training: its masked vector never arrives
-            reply.content = over_the_wire(reply.content)
-            self.wire.append((node, over_the_wire(reply.content)))  # as it arrived, before any opening
-            replies.append(reply)
-        return replies
+    def deliver(self, node, msg):
+        trained = len(self.plain)
+        reply = super().deliver(node, msg)
+        if self.vanish == (len(self.globals), node) and len(self.plain) > trained:
+            return None  # it died after training: its masked vector never arrives
+        self.wire.append((node, over_the_wire(reply.content)))  # as it arrived, before any opening
+        return reply
 
 
 def secure_run(tmp_path, monkeypatch, *, encrypt=False, vanish=None, rounds=2, **options):

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -118,25 +119,46 @@ def _privacy_record(cid: str, ledger: PrivacyLedger, epsilon: float) -> ConfigRe
     return record
 
 
-def _restore_from_disk(context: Context) -> ClientKeys | None:
-    """A real node (it has a kit) restores its ledger from its own disk after a restart."""
-    if "kit" not in context.node_config:
-        return None
-    keys = keys_from_kit(str(context.node_config["kit"]))
-    if LEDGER_KEY not in context.state:
-        stored = ledger_store.load(keys.name, context.run_id, keys.uplink)
-        if stored is not None:
-            ledger, plan = stored
-            context.state[LEDGER_KEY] = ledger.to_config_record()
-            if plan:
-                context.state[PLAN_KEY] = ConfigRecord(plan)
-    return keys
+@dataclass(frozen=True)
+class LedgerDisk:
+    """Where this client keeps its ledger between restarts: its name and the key that seals it."""
+
+    client: str
+    key: bytes
 
 
-def handle_train(msg: Message, context: Context, config: Config) -> Message:
+def _ledger_disk(context: Context, ledger_key: bytes | None) -> LedgerDisk | None:
+    """A real node (it has a kit) seals its ledger with its uplink key; a simulated one with the key
+    the simulation gives it (the run's model key); an in-process test node keeps none."""
+    if "kit" in context.node_config:
+        keys = keys_from_kit(str(context.node_config["kit"]))
+        return LedgerDisk(keys.name, keys.uplink)
+    return LedgerDisk(client_id(context), ledger_key) if ledger_key is not None else None
+
+
+def _run_of(msg: Message, context: Context) -> str:
+    """fedtrain's run id, which the server sends and keeps across a resume; else Flower's."""
+    sent = msg.content.config_records.get("config")
+    return str(sent["fedtrain-run"]) if sent is not None and "fedtrain-run" in sent else str(context.run_id)
+
+
+def _restore_from_disk(context: Context, disk: LedgerDisk | None, run: str) -> None:
+    """After a restart, take up the ledger this client stored for this run."""
+    if disk is None or LEDGER_KEY in context.state:
+        return
+    stored = ledger_store.load(disk.client, run, disk.key)
+    if stored is not None:
+        ledger, plan = stored
+        context.state[LEDGER_KEY] = ledger.to_config_record()
+        if plan:
+            context.state[PLAN_KEY] = ConfigRecord(plan)
+
+
+def handle_train(msg: Message, context: Context, config: Config, ledger_key: bytes | None = None) -> Message:
     torch.set_num_threads(1)  # simulated clients share the cores; one thread each is fastest
     cid = client_id(context)
-    disk_keys = _restore_from_disk(context)
+    disk, run = _ledger_disk(context, ledger_key), _run_of(msg, context)
+    _restore_from_disk(context, disk, run)
     train, _ = client_data(config, context)
     settings = TrainSettings(config.batch_size, config.local_epochs, config.lr, config.momentum, config.max_grad_norm)
     ledger = _ledger(context, len(train), config)
@@ -165,9 +187,9 @@ def handle_train(msg: Message, context: Context, config: Config) -> Message:
     result = train_round(model, train, settings, sigma, ledger, _device(config, context))
     ledger.record(result.entry)
     context.state[LEDGER_KEY] = ledger.to_config_record()
-    if disk_keys is not None:
+    if disk is not None:
         plan_record = context.state[PLAN_KEY] if PLAN_KEY in context.state else ConfigRecord()
-        ledger_store.save(disk_keys.name, context.run_id, disk_keys.uplink, ledger, dict(plan_record))
+        ledger_store.save(disk.client, run, disk.key, ledger, dict(plan_record))
     # Opacus counted exactly the planned steps (it always does with Poisson sampling): reuse the projection.
     epsilon = projected if result.entry == plan else ledger.epsilon()
     update = {k: (v.detach().cpu() - start[k]) for k, v in model.state_dict().items()}
@@ -200,10 +222,14 @@ def _keys_from_node_kit(context: Context) -> ClientKeys:
 
 
 def build_client_app(
-    config: Config | None = None, keys_for: Callable[[Context], ClientKeys] | None = None
+    config: Config | None = None,
+    keys_for: Callable[[Context], ClientKeys] | None = None,
+    ledger_key: bytes | None = None,
 ) -> ClientApp:
     """A ClientApp; with `config` it ignores the run config (in-process simulation).
 
+    With `ledger_key` (simulation), each client also keeps its ledger on disk under that key, so a
+    resumed simulation continues every client's epsilon.
     With `keys_for`, every message is end-to-end encrypted (the mod wraps train and evaluate alike).
     Secure aggregation takes part in a round when the server runs one (its messages say so).
     """
@@ -213,7 +239,7 @@ def build_client_app(
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, _config(config, context))
+        return handle_train(msg, context, _config(config, context), ledger_key)
 
     @client_app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:

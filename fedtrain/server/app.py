@@ -22,11 +22,13 @@ def build_server_app(
     test_set: Dataset | None = None,
     on_round: RoundCallback | None = None,
     payload_keys: PayloadKeys | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp; with `config` it ignores the run config (in-process simulation).
 
     `test_set` enables central evaluation (simulation only: a real server holds no data);
-    `payload_keys` turn on end-to-end payload encryption.
+    `payload_keys` turn on end-to-end payload encryption; `resume` continues the run in the
+    config's run_dir after its last complete round.
     """
     server_app = ServerApp()
 
@@ -35,7 +37,8 @@ def build_server_app(
         resolved = config if config is not None else Config.from_run_config(dict(context.run_config))
         keys = payload_keys if payload_keys is not None else _kit_keys(resolved)
         sealer = PayloadSealer(keys, context.run_id) if keys is not None else None
-        Federation(resolved, test_set=test_set, on_round=on_round, sealer=sealer).run(grid)
+        resuming = resume or bool(resolved.extra.get("fedtrain-resume"))  # deployment: set by `fedtrain server`
+        Federation(resolved, test_set=test_set, on_round=on_round, sealer=sealer, resume=resuming).run(grid)
 
     return server_app
 

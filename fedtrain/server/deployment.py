@@ -34,6 +34,7 @@ from fedtrain.processes import (
     wait_for_port,
 )
 from fedtrain.security.kits import read_kit, unlocked_key
+from fedtrain.server import checkpoint
 from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.history import METRICS_JSON
 from fedtrain.server.model_files import MODEL_FILE
@@ -56,6 +57,7 @@ class ServerOptions:
     database: Path | None = None
     insecure: bool = False
     passphrase: bytes | None = None
+    resume: bool = False  # continue the run in run_dir after its last complete round
 
 
 def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
@@ -74,7 +76,7 @@ def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
     return config
 
 
-def write_app(app_dir: Path, config: Config) -> Path:
+def write_app(app_dir: Path, config: Config, resume: bool = False) -> Path:
     """A FAB source with no code: components point at the installed fedtrain, config is the run's."""
     lines = [
         "[build-system]",
@@ -97,6 +99,7 @@ def write_app(app_dir: Path, config: Config) -> Path:
         "",
         "[tool.flwr.app.config]",
         *(f"{key} = {toml_value(value)}" for key, value in config.to_run_config().items()),
+        *(["fedtrain-resume = true"] if resume else []),
     ]
     atomic_write_text(app_dir / "pyproject.toml", "\n".join(lines) + "\n")
     return app_dir
@@ -216,7 +219,7 @@ class Server:
             time.sleep(POLL_SECONDS)
 
     def submit(self) -> str:
-        app_dir = write_app(self.run_dir / "app", self.config)
+        app_dir = write_app(self.run_dir / "app", self.config, self.options.resume)
         data = _flwr_json(["run", str(app_dir), CONNECTION], self.env, timeout=120)
         run_id = str(data["run-id"])
         self.say(f"submitted run {run_id}; run directory {self.run_dir}")
@@ -267,6 +270,9 @@ def _mtime(path: Path) -> float | None:
 def serve(options: ServerOptions, run_dir: Path, say: Callable[[str], None], on_round: Callable[[dict], None]) -> None:
     """Run the whole federation; raises FedtrainError unless the run finished as completed."""
     with Server(options, run_dir, say) as server:
+        if options.resume:
+            done = checkpoint.preflight(server.config)  # a wrong key or config fails before anything starts
+            say(f"resuming the run in {run_dir} after round {done} of {server.config.rounds}")
         server.start()
         server.wait_for_clients()
         run_id = server.submit()

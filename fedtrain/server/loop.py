@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -34,7 +35,7 @@ from fedtrain.evaluation import evaluate
 from fedtrain.fileio import atomic_write_text
 from fedtrain.models import build_model
 from fedtrain.security.keys import load_model_key
-from fedtrain.server import history
+from fedtrain.server import checkpoint, history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.payload_sealer import PayloadSealer
 from fedtrain.server.screening import ClientPrivacy, Screened, screen, screen_masked
@@ -61,6 +62,7 @@ class Federation:
         test_set: Dataset | None = None,
         on_round: RoundCallback | None = None,
         sealer: PayloadSealer | None = None,
+        resume: bool = False,
     ) -> None:
         if not config.run_dir:
             raise FedtrainError("the server needs a run directory (run_dir) to keep the model and metrics.")
@@ -73,7 +75,8 @@ class Federation:
         self.sealer = sealer
         self.on_round = on_round or self._log_round
         self.model_key = load_model_key(config.key_file)
-        self.run_id = uuid.uuid4().hex
+        self.resume = resume
+        self.run_id = checkpoint.resumable_run_id(self.run_dir, self.model_key) if resume else uuid.uuid4().hex
         self.model = build_model(config.model, config.input_shape, num_classes, hidden=config.hidden, seed=config.seed)
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
@@ -99,20 +102,32 @@ class Federation:
         }
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
-    def _save(self, state: dict[str, torch.Tensor], kind: str, server_round: int) -> None:
-        name = MODEL_FILE if kind == "model" else CHECKPOINT_FILE
-        meta = {"round": server_round, "run_id": self.run_id}
-        save_model(self.run_dir / name, state, self.model_key.key, self.run_id, kind, meta)
+    def _save_model(self, state: dict[str, torch.Tensor]) -> None:
+        meta = {"round": self.config.rounds, "run_id": self.run_id}
+        save_model(self.run_dir / MODEL_FILE, state, self.model_key.key, self.run_id, "model", meta)
 
     # ------------------------------------------------------------------ loop
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:
-        self._write_run_info()
         strategy = make_strategy(self.config)
         state = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items())
-        for server_round in range(1, self.config.rounds + 1):
+        first = 1
+        if self.resume:
+            resumed = checkpoint.load(self.run_dir, self.model_key.key, self.run_id, self.config, strategy)
+            state, self.rows, self.privacy, self.released = (
+                resumed.model,
+                resumed.rows,
+                resumed.privacy,
+                resumed.released,
+            )
+            first = resumed.server_round + 1
+            log.info("resuming %s after round %d of %d", self.run_dir, resumed.server_round, self.config.rounds)
+        else:
+            random.seed(self.config.seed)  # Flower samples each round's clients from Python's generator
+            self._write_run_info()
+        for server_round in range(first, self.config.rounds + 1):
             state = self._round(grid, strategy, server_round, state)
-        self._save(state, "model", self.config.rounds)
+        self._save_model(state)
         return self.rows
 
     def _round(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> OrderedDict:
@@ -184,7 +199,8 @@ class Federation:
         if stops or server_round == self.config.rounds or time.monotonic() - self._plotted >= PLOT_EVERY_SECONDS:
             history.write_plot(self.run_dir, self.rows)  # 0.2 s or more of a round: not every round
             self._plotted = time.monotonic()
-        self._save(state, "checkpoint", server_round)
+        checkpoint.save(self.run_dir, self.model_key.key, self.run_id, server_round, state, strategy, self.config,
+                        self.rows, self.privacy, self.released)  # fmt: skip
         self.on_round(row)
         if stops:
             name, reason = next(iter(screened.failed.items()))
@@ -214,7 +230,9 @@ class Federation:
 
     def _configure_train(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> list[Message]:
         try:
-            return list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord(), grid))
+            # fedtrain's run id: clients key their stored ledgers by it, and it survives a resume
+            sent = ConfigRecord({"fedtrain-run": self.run_id})
+            return list(strategy.configure_train(server_round, ArrayRecord(state), sent, grid))
         except PrivacyBudgetExhausted:
             spent = central_dp.spent_epsilon(strategy)
             raise FedtrainError(

@@ -16,15 +16,18 @@ reason: the noise is set for a weight of 1/n per client.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -104,7 +107,35 @@ def count_stddev(config: Config, sampled: int) -> float:
     return max(sampled / 20, config.central_noise_multiplier)
 
 
-class AccountedAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+class _PrivateNoise:
+    """Noise from this strategy's own generator, seeded from the OS and never stored or shared.
+
+    Flower draws it from NumPy's global Mersenne Twister: any code in the process can read or seed
+    that state, and from it recompute, then subtract, the noise of every release."""
+
+    _rng: np.random.Generator | None = None
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.Generator(np.random.PCG64DXSM(secrets.randbits(128)))
+        return self._rng
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        rng = self._generator()
+        arrays = {k: a.numpy() for k, a in aggregated.items()}
+        noised = {k: a + rng.normal(0.0, std, a.shape).astype(a.dtype) for k, a in arrays.items()}
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in noised.items()})
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return float(self._generator().normal(count, self.clipped_count_stddev)) / float(total)
+
+
+class FixedClipping(_PrivateNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping and accountant, with private noise."""
+
+
+class AccountedAdaptiveClipping(_PrivateNoise, DifferentialPrivacyServerSideAdaptiveClipping):
     """Flower's adaptive clipping, released only over all n sampled updates, accounted, and moving
     its bound in the right direction.
 
@@ -151,7 +182,7 @@ def wrap(config: Config, base: Strategy, sampled: int) -> Strategy:
         )
     check_plan(config, sampled)
     if config.central_dp == "fixed":
-        return DifferentialPrivacyServerSideFixedClipping(
+        return FixedClipping(
             base,
             noise_multiplier=config.central_noise_multiplier,
             clipping_norm=config.central_clipping_norm,

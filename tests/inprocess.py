@@ -1,0 +1,67 @@
+"""An in-process federation for tests: nodes that run fedtrain's real ClientApp (mods, handlers,
+DP-SGD on their digits shard) with their own Context, behind the Grid interface the server loop uses.
+
+Messages cross as copies (serialised and parsed, as over a network), so no object is shared
+between the server and a node. A node "restarts" by getting a fresh Context (`restart`), which is
+what a crashed and restarted process has: only what the client keeps on disk survives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+from fedtrain.clients.app import build_client_app
+from fedtrain.config import Config
+
+# (node, message, reply) -> the reply the server gets, or None for no reply (the node hung or died)
+Fault = Callable[[int, Message, Message], Message | None]
+
+
+def over_the_wire(content: RecordDict) -> RecordDict:
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+class AppGrid:
+    def __init__(self, config: Config, *, keys_for=None, ledger_key: bytes | None = None, fault: Fault | None = None):
+        self.config = config
+        self.app = build_client_app(config, keys_for=keys_for, ledger_key=ledger_key)
+        self.fault = fault
+        self.contexts: dict[int, Context] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        """Every node loses its in-memory state, as after a crash of the whole simulation."""
+        self.contexts = {
+            pid + 1: Context(1, pid + 1, {"partition-id": pid, "num-partitions": self.config.clients}, RecordDict(), {})
+            for pid in range(self.config.clients)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def deliver(self, node: int, msg: Message) -> Message | None:
+        """Run the node's ClientApp on a copy of `msg`; the reply (a copy), or None if it never comes."""
+        try:
+            reply = self.app(msg, self.contexts[node])
+        except Exception as exc:  # what Flower's runtime sends back when a ClientApp raises
+            reason = f"<class '{type(exc).__name__}'>:<'{exc}'>"
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+        if self.fault is not None:
+            reply = self.fault(node, msg, reply)
+        if reply is not None and not reply.has_error():
+            reply.content = over_the_wire(reply.content)
+        return reply
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what pushing through a SuperLink does
+            msg.content = over_the_wire(msg.content)  # each node gets its own copy
+            reply = self.deliver(msg.metadata.dst_node_id, msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies
