@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,8 +80,16 @@ def test_a_resumed_simulation_continues_every_clients_ledger(tmp_path) -> None:
     k = random.Random(SEED).randint(1, 3)
     key = write_key_file(tmp_path / "model.key", generate_key())
     config, test_set = prepare(
-        Config(clients=3, rounds=4, noise_multiplier=1.0, target_epsilon=None, accountant="rdp",
-               fraction_evaluate=0.0, run_dir=str(tmp_path / "run"), key_file=str(key))  # fmt: skip
+        Config(
+            clients=3,
+            rounds=4,
+            noise_multiplier=1.0,
+            target_epsilon=None,
+            accountant="rdp",
+            fraction_evaluate=0.0,
+            run_dir=str(tmp_path / "run"),
+            key_file=str(key),
+        )  # fmt: skip
     )
     ledger_key = load_model_key(str(key)).key
     with pytest.raises(Killed):
@@ -137,10 +146,10 @@ def test_resume_with_another_key_is_refused(interrupted, tmp_path) -> None:
 
 
 def test_resume_of_a_tampered_checkpoint_is_refused(interrupted) -> None:
-    path = f"{interrupted.run_dir}/checkpoint.ftenc"
-    blob = bytearray(open(path, "rb").read())
+    path = Path(interrupted.run_dir) / "checkpoint.ftenc"
+    blob = bytearray(path.read_bytes())
     blob[-5] ^= 1
-    open(path, "wb").write(bytes(blob))
+    path.write_bytes(bytes(blob))
     with pytest.raises(FedtrainError, match="checkpoint.ftenc"):
         preflight(interrupted)
 

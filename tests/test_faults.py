@@ -1,0 +1,141 @@
+"""Clients failing in every way a federation sees, with fedtrain's real ClientApp and server loop
+in-process: an exception inside training, a client that never answers (hung past round_timeout or
+dead), a NaN update, an update of the wrong shape. Which client fails how, and when, is drawn from
+a seed printed in every assertion message. The run must complete, with every failure counted per
+round under its own reason and never reaching the model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+import fedtrain.clients.app as client_app_module
+from fedtrain.config import Config
+from fedtrain.errors import FedtrainError
+from fedtrain.security.keys import generate_key, write_key_file
+from fedtrain.server.loop import Federation
+from fedtrain.simulation import prepare
+from tests.inprocess import AppGrid
+from tests.test_strategies import task_identity  # noqa: F401 (fixture)
+
+SEED = int(os.environ.get("FEDTRAIN_FAULT_SEED", random.SystemRandom().randrange(10**6)))
+KINDS = ("exception", "hang", "nan", "shape")
+REASONS = {
+    "exception": "the GPU fell off the bus",
+    "hang": "no reply within round_timeout",
+    "nan": "NaN or infinite values",
+    "shape": "has shape",
+}
+
+
+class FaultyClients:
+    """Draws, per round, which clients fail and how; makes them fail; remembers what it did."""
+
+    def __init__(self, clients: int, share: float, seed: int) -> None:
+        self.rng, self.clients, self.share = random.Random(seed), clients, share
+        self.plan: dict[int, dict[int, str]] = {}  # round -> node -> kind
+        self.current: str | None = None
+
+    def faults_for(self, server_round: int) -> dict[int, str]:
+        if server_round not in self.plan:
+            nodes = self.rng.sample(range(1, self.clients + 1), round(self.share * self.clients))
+            self.plan[server_round] = {node: self.rng.choice(KINDS) for node in nodes}
+        return self.plan[server_round]
+
+    def __call__(self, node, msg, reply):
+        kind = self.faults_for(int(msg.content["config"]["server-round"])).get(node)
+        if kind == "hang":
+            return None
+        if kind in ("nan", "shape"):
+            update = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+            first = next(iter(update))
+            if kind == "nan":
+                update[first].flat[0] = np.nan
+            else:
+                update[first] = np.zeros((*update[first].shape, 2), update[first].dtype)
+            reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in update.items()})
+        return reply
+
+
+def faulty_grid(config: Config, faults: FaultyClients, monkeypatch) -> AppGrid:
+    """An in-process federation whose clients fail as `faults` plans."""
+    real_train = client_app_module.train_round
+
+    def train_round(*args, **kwargs):  # the exception is raised inside training, as a real one would be
+        if faults.current == "exception":
+            raise RuntimeError(REASONS["exception"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(client_app_module, "train_round", train_round)
+
+    class Grid(AppGrid):
+        def deliver(self, node, msg):
+            faults.current = faults.faults_for(int(msg.content["config"]["server-round"])).get(node)
+            return super().deliver(node, msg)
+
+    return Grid(config, fault=faults)
+
+
+def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeypatch) -> None:
+    key = write_key_file(tmp_path / "model.key", generate_key())
+    config, test_set = prepare(
+        Config(
+            clients=100,
+            rounds=6,
+            lr=2.0,
+            noise_multiplier=1.0,
+            target_epsilon=None,
+            accountant="rdp",
+            fraction_evaluate=0.0,
+            min_fit_clients=50,
+            run_dir=str(tmp_path / "run"),
+            key_file=str(key),
+        )  # fmt: skip
+    )
+    faults = FaultyClients(config.clients, 0.3, SEED)
+    rows = Federation(config, test_set=test_set, on_round=lambda row: None).run(
+        faulty_grid(config, faults, monkeypatch)
+    )
+
+    assert len(rows) == config.rounds, f"seed {SEED}"
+    for row in rows:
+        planned = faults.plan[row["round"]]
+        context = f"seed {SEED}, round {row['round']}"
+        assert row["clients_failed"] == len(planned) == 30, context
+        assert row["clients_ok"] == 70, context
+        for node, kind in planned.items():  # a node that never answered yet is known only by its node id
+            name = f"client-{node - 1}" if f"client-{node - 1}" in row["failed"] else f"node-{node}"
+            assert REASONS[kind] in row["failed"][name], (context, node, kind, row["failed"])
+    accuracy = [round(row["accuracy"], 3) for row in rows]
+    assert accuracy[-1] >= 0.7, f"seed {SEED}: {accuracy}"  # measured 0.83 and 0.84 (seeds 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["exception", "hang"])
+def test_too_few_answers_stop_the_run_with_the_reasons(tmp_path, monkeypatch, kind) -> None:
+    """When fewer than min_fit_clients answer usefully, the run stops after that round with a
+    sentence naming a client and its reason; the checkpoint of the last good model stays."""
+    key = write_key_file(tmp_path / "model.key", generate_key())
+    config, test_set = prepare(
+        Config(
+            clients=3,
+            rounds=3,
+            noise_multiplier=1.0,
+            target_epsilon=None,
+            accountant="rdp",
+            fraction_evaluate=0.0,
+            min_fit_clients=2,
+            run_dir=str(tmp_path / "run"),
+            key_file=str(key),
+        )  # fmt: skip
+    )
+    faults = FaultyClients(3, 0.0, SEED)
+    faults.plan = {1: {}, 2: {2: kind, 3: kind}}
+    expected = f"round 2: 1 usable updates, fewer than min_fit_clients = 2 .*{REASONS[kind]}"
+    with pytest.raises(FedtrainError, match=expected):
+        Federation(config, test_set=test_set, on_round=lambda row: None).run(faulty_grid(config, faults, monkeypatch))
+    assert (tmp_path / "run" / "checkpoint.ftenc").exists()
