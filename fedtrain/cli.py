@@ -149,7 +149,12 @@ def simulate(
             rows.append(row)
             live.update(_round_table(rows, resolved.rounds, client_level))
 
-        simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None)
+        try:
+            simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None)
+        except FedtrainError:
+            live.stop()
+            _print_failures(rows)  # what went wrong in which round, before the sentence that stops the run
+            raise
     console.print()
     _print_summary(path, rows)
 
@@ -174,11 +179,37 @@ def _earlier_rows(path: Path) -> list[dict[str, Any]]:
     return rows if isinstance(rows, list) else []
 
 
+def failure_summary(rows: list[dict[str, Any]], names_shown: int = 5) -> list[str]:
+    """One line per round that lost clients: who failed or refused, grouped by reason."""
+    lines = []
+    for row in rows:
+        parts = []
+        for kind in ("failed", "refused"):
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in (row.get(kind) or {}).items():
+                by_reason.setdefault(reason, []).append(name)
+            for reason, names in by_reason.items():
+                more = f" and {len(names) - names_shown} more" if len(names) > names_shown else ""
+                parts.append(f"{kind} {', '.join(names[:names_shown])}{more}: {reason}")
+        if parts:
+            lines.append(f"  round {row['round']}: " + "; ".join(parts))
+    return lines
+
+
+def _print_failures(rows: list[dict[str, Any]]) -> None:
+    lines = failure_summary(rows)
+    if lines:
+        console.print(f"clients missing from {len(lines)} of {len(rows)} rounds (metrics.json has every reason):")
+        for line in lines:
+            console.print(line, highlight=False, markup=False)
+
+
 def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
     import json
 
     last = rows[-1]
     privacy = json.loads((path / "privacy.json").read_text())
+    _print_failures(rows)
     console.print(
         f"final accuracy {_fmt(last['accuracy'])} after {last['round']} rounds; "
         f"max client epsilon {_fmt(last['epsilon_max'], 3)}."
@@ -233,6 +264,30 @@ def export(
     torch.save(state, buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+@app.command(name="rotate-key")
+def rotate_key(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
+    new_key_file: Annotated[Path, typer.Option(help="The new model key (a new one is created if it does not exist).")],
+    key_file: Annotated[
+        str | None, typer.Option(help="The run's current key (default: the run's own, $FEDTRAIN_MODEL_KEY or store).")
+    ] = None,
+) -> None:
+    """Re-encrypt a run's model and checkpoint under a new model key."""
+    from fedtrain.security.keys import generate_key, load_model_key, write_key_file
+    from fedtrain.server.key_rotation import rotate_run_key
+
+    old = load_model_key(key_file or _configured_key_file(run_dir))
+    if not new_key_file.exists():
+        write_key_file(new_key_file, generate_key())
+        console.print(f"created a new model key in {new_key_file} (mode 600)")
+    new = load_model_key(str(new_key_file))
+    files = rotate_run_key(run_dir, old, new)
+    console.print(
+        f"re-encrypted {len(files)} files of {run_dir} under key {new.key_id}; keep the old key "
+        f"({old.key_id}) until you have opened them with the new one (fedtrain export), then destroy it."
+    )
 
 
 @app.command()
@@ -343,7 +398,11 @@ def server(
             highlight=False,
         )
 
-    serve(options, path, lambda text: console.print(text, highlight=False), on_round)
+    try:
+        serve(options, path, lambda text: console.print(text, highlight=False), on_round)
+    except FedtrainError:
+        _print_failures(rows)
+        raise
     if rows:
         _print_summary(path, rows)
 

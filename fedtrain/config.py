@@ -48,6 +48,7 @@ class Config:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_fit_clients: int = 1  # a round whose usable updates are fewer stops the run, keeping the last model
+    min_available_clients: int | None = None  # clients online before a round starts (unset: min_fit_clients)
     round_timeout: float = 600.0
     # aggregation (docs/strategies.md); server_lr unset means 0.1 for the FedOpt family, 1.0 for fedavgm
     strategy: str = "fedavg"
@@ -101,10 +102,10 @@ class Config:
     def validate(self) -> Config:
         """Check every value; raise FedtrainError naming the first bad one."""
         _positive_int(self, "clients", "rounds", "batch_size", "local_epochs", "hidden", "min_fit_clients")
-        if self.min_fit_clients > self.clients:
-            raise FedtrainError(
-                f"min_fit_clients ({self.min_fit_clients}) cannot exceed clients ({self.clients}); lower it."
-            )
+        for name in ("min_fit_clients", "min_available_clients"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= self.clients:
+                raise FedtrainError(f"{name} must be between 1 and clients ({self.clients}), not {value}.")
         _in_range(self, "eval_fraction", 0.0, 0.9)
         _in_range(self, "test_fraction", 0.0, 0.9)
         _in_range(self, "fraction_train", 0.0, 1.0, low_open=True)
@@ -165,6 +166,11 @@ class Config:
     def effective_central_delta(self) -> float:
         """delta for client-level DP: well below 1 / clients, the population it protects."""
         return self.central_delta if self.central_delta is not None else min(1e-5, 1 / (10 * self.clients))
+
+    @property
+    def clients_to_wait_for(self) -> int:
+        """Clients that must be online before a round starts."""
+        return max(self.min_fit_clients, self.min_available_clients or 0)
 
     @property
     def effective_max_epsilon(self) -> float | None:
@@ -238,7 +244,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     kind = type(default) if default is not None else None
     if name in ("target_epsilon", "noise_multiplier", "delta", "max_epsilon", "central_delta", "max_client_epsilon"):
         kind = float
-    elif name in ("num_classes",):
+    elif name in ("num_classes", "min_available_clients"):
         kind = int
     elif name in ("run_dir", "key_file", "kit"):
         kind = str

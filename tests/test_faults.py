@@ -15,6 +15,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 import fedtrain.clients.app as client_app_module
+from fedtrain.cli import failure_summary
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.security.keys import generate_key, write_key_file
@@ -111,6 +112,10 @@ def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeyp
         for node, kind in planned.items():  # a node that never answered yet is known only by its node id
             name = f"client-{node - 1}" if f"client-{node - 1}" in row["failed"] else f"node-{node}"
             assert REASONS[kind] in row["failed"][name], (context, node, kind, row["failed"])
+    summary = failure_summary(rows)  # what `fedtrain simulate` prints at the end
+    assert len(summary) == config.rounds
+    for line, row in zip(summary, rows, strict=True):
+        assert all(REASONS[kind] in line for kind in faults.plan[row["round"]].values()), line
     accuracy = [round(row["accuracy"], 3) for row in rows]
     assert accuracy[-1] >= 0.7, f"seed {SEED}: {accuracy}"  # measured 0.83 and 0.84 (seeds 2, 3)
 

@@ -87,7 +87,7 @@ class Federation:
         self.secure = SecureAggregator(config) if config.secure_aggregation else None
         self.released: list[int] = []  # rounds whose model client-level DP released (when it is on)
         # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
-        self.clients_needed = config.clients if central_dp.uses_central_dp(config) else config.min_fit_clients
+        self.clients_needed = config.clients if central_dp.uses_central_dp(config) else config.clients_to_wait_for
 
     # ------------------------------------------------------------------ files
 
@@ -219,7 +219,7 @@ class Federation:
                 why = (
                     "clients (client-level DP needs all)"
                     if central_dp.uses_central_dp(self.config)
-                    else ("min_fit_clients")
+                    else "the clients a round waits for (min_fit_clients, min_available_clients)"
                 )
                 raise FedtrainError(
                     f"round {server_round}: {online} clients online, fewer than {why} = {needed}, for "

@@ -40,8 +40,8 @@ def _common(config: Config) -> dict[str, Any]:
         "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1 if config.fraction_evaluate > 0 else 0,
-        # The loop waits (bounded) for min_fit_clients before each round; Flower's own wait has no bound.
-        "min_available_nodes": config.min_fit_clients,
+        # The loop waits (bounded) for these clients before each round; Flower's own wait has no bound.
+        "min_available_nodes": config.clients_to_wait_for,
     }
 
 
