@@ -4,8 +4,11 @@ modified ciphertext ever decrypts."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,3 +90,72 @@ def test_random_config_files_are_accepted_or_refused_clearly(tmp_path_factory, t
 def test_any_typed_value_is_accepted_or_refused_clearly(tmp_path_factory, key: str, value: object) -> None:
     with contextlib.suppress(FedtrainError):
         resolve(None, {key: value})
+
+
+# ---- checkpoints: the file a resumed run trusts ----
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A real run interrupted after round 1: its directory, config and checkpoint bytes."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtrain.server.loop import Federation
+    from tests.test_resume import Killed, controlled, kill_after
+    from tests.test_strategies import ControlledGrid
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    config = controlled(tmp_path_factory.mktemp("ckpt"), rounds=3)
+    with contextlib.suppress(Killed):
+        Federation(config, on_round=kill_after(1)).run(ControlledGrid())
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+    path = Path(config.run_dir) / "checkpoint.ftenc"
+    return config, path, path.read_bytes()
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.integers(0, 10**9), flip=st.integers(1, 255), cut=st.integers(0, 10**9))
+def test_no_modified_checkpoint_is_ever_resumed(checkpointed, position: int, flip: int, cut: int) -> None:
+    from fedtrain.server.checkpoint import preflight
+
+    config, path, original = checkpointed
+    changed = bytearray(original)
+    changed[position % len(original)] ^= flip
+    for blob in (bytes(changed), original[: cut % len(original)]):
+        path.write_bytes(blob)
+        try:
+            preflight(config)
+        except FedtrainError:
+            continue
+        finally:
+            path.write_bytes(original)
+        raise AssertionError("a modified checkpoint was accepted")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["round", "rows", "privacy", "released", "accountant", "rng", "config", "format"]),
+       value=_JSON)  # fmt: skip
+def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, field: str, value) -> None:
+    """Properly sealed (as by a buggy or older fedtrain) but malformed inside: a clear refusal."""
+    from fedtrain.security.keys import load_model_key
+    from fedtrain.server import checkpoint
+    from fedtrain.server.model_files import load_model, save_model
+    from fedtrain.strategies import make_strategy
+
+    config, path, original = checkpointed
+    key = load_model_key(config.key_file).key
+    run_id = json.loads((path.parent / "run.json").read_text())["run_id"]
+    tensors, meta = load_model(path, key, run_id, "checkpoint")
+    meta[field] = value
+    try:
+        save_model(path, tensors, key, run_id, "checkpoint", meta)
+        with contextlib.suppress(FedtrainError):
+            checkpoint.load(path.parent, key, run_id, config, make_strategy(config))
+    finally:
+        path.write_bytes(original)
