@@ -143,10 +143,12 @@ def test_no_modified_checkpoint_is_ever_resumed(checkpointed, position: int, fli
        value=_JSON)  # fmt: skip
 def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, field: str, value) -> None:
     """Properly sealed (as by a buggy or older fedtrain) but malformed inside: a clear refusal."""
+    from fedtrain.security.files import file_context
     from fedtrain.security.keys import load_model_key
     from fedtrain.server import checkpoint
-    from fedtrain.server.model_files import load_model, save_model
+    from fedtrain.server.model_files import load_model
     from fedtrain.strategies import make_strategy
+    from fedtrain.tensors import state_dict_to_bytes
 
     config, path, original = checkpointed
     key = load_model_key(config.key_file).key
@@ -154,7 +156,7 @@ def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, f
     tensors, meta = load_model(path, key, run_id, "checkpoint")
     meta[field] = value
     try:
-        save_model(path, tensors, key, run_id, "checkpoint", meta)
+        path.write_bytes(seal(key, state_dict_to_bytes(tensors, meta), file_context("checkpoint", run_id)))
         with contextlib.suppress(FedtrainError):
             checkpoint.load(path.parent, key, run_id, config, make_strategy(config))
     finally:
