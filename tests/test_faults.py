@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-import fedtrain.clients.app as client_app_module
+import fedtrain.clients.handlers as client_app_module
 from fedtrain.cli import failure_summary
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError

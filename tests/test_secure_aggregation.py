@@ -21,7 +21,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-import fedtrain.clients.app as client_app_module
+import fedtrain.clients.handlers as client_app_module
 import fedtrain.clients.secure_aggregation as client_secagg
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError

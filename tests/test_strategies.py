@@ -256,7 +256,7 @@ class InProcessFederation:
         return list(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from fedtrain.clients.app import handle_evaluate, handle_train
+        from fedtrain.clients.handlers import handle_evaluate, handle_train
 
         replies = []
         for msg in messages:
