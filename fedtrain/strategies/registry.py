@@ -108,6 +108,13 @@ STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
 }
 
 
+# Strategies whose aggregation is FedAvg's weighted mean, then (FedOpt, FedAvgM) a server step on that
+# mean: the server may average updates as they arrive (server/streaming_mean.py) and hand the strategy
+# one reply holding the mean, weighted by the total number of examples. The others (median, Krum,
+# Bulyan, trimmed mean) need every update at once.
+STREAMABLE = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"})
+
+
 def make_strategy(config: Config) -> Strategy:
     """The Flower strategy that `config.strategy` names, its parameters checked."""
     try:
