@@ -111,14 +111,18 @@ STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
 }
 
 
-SECURE_AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# Strategies whose aggregation is FedAvg's weighted mean, then (FedOpt, FedAvgM) a server step on that
+# mean. The server may average their updates as they arrive (server/streaming_mean.py), or learn only
+# the mean (secure aggregation), and hand the strategy one reply holding it. The others (median,
+# Krum, Bulyan, trimmed mean) need every update at once.
+STREAMABLE = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
 
 def _check_secure_aggregation(config: Config) -> None:
-    if config.strategy not in SECURE_AGGREGATION_STRATEGIES:
+    if config.strategy not in STREAMABLE:
         raise FedtrainError(
             f"with secure aggregation the server sees only the mean of the updates, and strategy "
-            f"{config.strategy!r} needs each one; use {', '.join(SECURE_AGGREGATION_STRATEGIES)}."
+            f"{config.strategy!r} needs each one; use {', '.join(sorted(STREAMABLE))}."
         )
     if central_dp.uses_central_dp(config):
         raise FedtrainError(

@@ -1,0 +1,58 @@
+"""Replies to a round's messages, yielded one at a time as they arrive, within a bounded wait.
+
+Flower's `Grid.send_and_receive` returns only when every reply is in (or the timeout passes), so
+the server holds all N updates at once. Pushing the messages and pulling the replies ourselves
+lets the round screen, aggregate and drop each update while later clients are still training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+POLL_INTERVAL = 0.5  # seconds between pulls while replies are outstanding
+PULL_BATCH = 8  # message ids asked for per pull: at most this many replies are in memory at once
+
+
+def stream_replies(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float,
+    poll_interval: float = POLL_INTERVAL,
+    pull_batch: int = PULL_BATCH,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[Message]:
+    """Push `messages`, then yield each reply once, as soon as a pull brings it, until every
+    message is answered or `timeout` seconds have passed (the last pull may end a little later).
+
+    A message with no reply is simply never answered: compare the replies' `reply_to_message_id`
+    with the messages' `message_id` to find it. `clock` and `sleep` are there for tests."""
+    if pull_batch < 1:
+        raise ValueError(f"pull_batch must be at least 1, not {pull_batch}")
+    deadline = clock() + timeout
+    # ordered, O(1) removal; a message the SuperLink refused to store comes back without an id
+    outstanding = dict.fromkeys(mid for mid in grid.push_messages(messages) if mid)
+    while outstanding:
+        ids = list(outstanding)
+        for start in range(0, len(ids), pull_batch):
+            batch = ids[start : start + pull_batch]
+            asked = set(batch)
+            arrived = list(grid.pull_messages(batch))
+            arrived.reverse()
+            while arrived:
+                reply = arrived.pop()  # out of the batch before it is yielded: the caller holds the only reference
+                answered = reply.metadata.reply_to_message_id
+                if answered in asked:  # each message once, and only this round's
+                    asked.discard(answered)
+                    del outstanding[answered]
+                    yield reply
+                del reply  # not kept while the next batch is pulled
+        left = deadline - clock()
+        if not outstanding or left <= 0:
+            return
+        sleep(min(poll_interval, left))
