@@ -86,6 +86,15 @@ def test_yields_each_reply_as_soon_as_it_arrives():
     assert clock.slept == [0.5, 0.5]  # one poll interval between passes, none after the last reply
 
 
+def test_messages_are_pushed_and_carry_their_ids_before_the_first_pull():
+    grid = SlowGrid({1: 1, 2: 1})
+    clock = FakeClock()
+    messages = messages_to([1, 2])
+    replies = stream_replies(grid, messages, timeout=60, clock=clock, sleep=clock.sleep)
+    assert [m.metadata.message_id for m in messages] == ["m1", "m2"] and grid.pulls == []
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m1", "m2"]
+
+
 def test_each_reply_once_and_only_this_rounds():
     grid = SlowGrid({1: 1, 2: 2}, repeat=True)
     clock = FakeClock()
@@ -101,7 +110,7 @@ def test_pulls_ask_for_at_most_pull_batch_ids():
     assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(f"m{n}" for n in nodes)
     assert max(len(ids) for ids in grid.pulls) == 3
     with pytest.raises(ValueError, match="pull_batch"):
-        next(stream_replies(grid, messages_to([1]), timeout=1, pull_batch=0))
+        stream_replies(grid, messages_to([1]), timeout=1, pull_batch=0)
 
 
 def test_a_node_that_never_answers_ends_the_stream_at_the_timeout():

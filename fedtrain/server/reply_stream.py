@@ -27,8 +27,9 @@ def stream_replies(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[Message]:
-    """Push `messages`, then yield each reply once, as soon as a pull brings it, until every
-    message is answered or `timeout` seconds have passed (the last pull may end a little later).
+    """Push `messages` now (so they carry their message ids when this returns); the iterator
+    returned yields each reply once, as soon as a pull brings it, until every message is answered
+    or `timeout` seconds after the push have passed (the last pull may end a little later).
 
     A message with no reply is simply never answered: compare the replies' `reply_to_message_id`
     with the messages' `message_id` to find it. `clock` and `sleep` are there for tests."""
@@ -37,6 +38,18 @@ def stream_replies(
     deadline = clock() + timeout
     # ordered, O(1) removal; a message the SuperLink refused to store comes back without an id
     outstanding = dict.fromkeys(mid for mid in grid.push_messages(messages) if mid)
+    return _pulled(grid, outstanding, deadline, poll_interval, pull_batch, clock, sleep)
+
+
+def _pulled(
+    grid: Grid,
+    outstanding: dict[str, None],
+    deadline: float,
+    poll_interval: float,
+    pull_batch: int,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> Iterator[Message]:
     while outstanding:
         ids = list(outstanding)
         for start in range(0, len(ids), pull_batch):
