@@ -25,7 +25,34 @@ def over_the_wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
 
 
-class AppGrid:
+class LocalGrid:
+    """Flower's Grid interface over `answer(msg) -> reply or None`, answered at push time.
+
+    push_messages / pull_messages are what fedtrain's streaming rounds use; send_and_receive is
+    Flower's own composition of them. A message that gets no reply is simply never pulled."""
+
+    def answer(self, msg: Message) -> Message | None:
+        raise NotImplementedError
+
+    def push_messages(self, messages) -> list[str]:
+        self._waiting = getattr(self, "_waiting", {})
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what pushing through a SuperLink does
+            reply = self.answer(msg)
+            if reply is not None:
+                self._waiting[msg.object_id] = reply
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self._waiting.pop(mid) for mid in message_ids if mid in self._waiting]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+class AppGrid(LocalGrid):
     def __init__(self, config: Config, *, keys_for=None, ledger_key: bytes | None = None, fault: Fault | None = None):
         self.config = config
         self.app = build_client_app(config, keys_for=keys_for, ledger_key=ledger_key)
@@ -56,12 +83,6 @@ class AppGrid:
             reply.content = over_the_wire(reply.content)
         return reply
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what pushing through a SuperLink does
-            msg.content = over_the_wire(msg.content)  # each node gets its own copy
-            reply = self.deliver(msg.metadata.dst_node_id, msg)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+    def answer(self, msg: Message) -> Message | None:
+        msg.content = over_the_wire(msg.content)  # each node gets its own copy
+        return self.deliver(msg.metadata.dst_node_id, msg)

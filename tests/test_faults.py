@@ -94,6 +94,7 @@ def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeyp
             accountant="rdp",
             fraction_evaluate=0.0,
             min_fit_clients=50,
+            round_timeout=1.0,  # how long the round waits for the clients that hang
             run_dir=str(tmp_path / "run"),
             key_file=str(key),
         )  # fmt: skip
@@ -134,6 +135,7 @@ def test_too_few_answers_stop_the_run_with_the_reasons(tmp_path, monkeypatch, ki
             accountant="rdp",
             fraction_evaluate=0.0,
             min_fit_clients=2,
+            round_timeout=1.0,
             run_dir=str(tmp_path / "run"),
             key_file=str(key),
         )  # fmt: skip

@@ -24,6 +24,7 @@ from fedtrain.errors import FedtrainError
 from fedtrain.security.keys import generate_key, write_key_file
 from fedtrain.server.loop import Federation
 from fedtrain.strategies import STRATEGIES, make_strategy
+from tests.inprocess import LocalGrid
 
 NODES = 7
 ROUNDS = 3
@@ -44,7 +45,7 @@ def update(server_round: int, node: int, shapes: dict[str, tuple]) -> dict[str, 
     return {k: (rng.normal(size=s) * (0.5 + 0.1 * node)).astype(np.float32) for k, s in shapes.items()}
 
 
-class ControlledGrid:
+class ControlledGrid(LocalGrid):
     """A grid of NODES nodes that answer training with `update(...)` and record what they are sent."""
 
     def __init__(self, bad: dict[int, str] | None = None) -> None:
@@ -55,27 +56,23 @@ class ControlledGrid:
     def get_node_ids(self) -> list[int]:
         return list(range(1, NODES + 1))
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what pushing through a SuperLink does
-            arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            server_round = int(msg.content["config"]["server-round"])
-            self.sent[server_round] = arrays
-            self.configs[server_round] = dict(msg.content["config"])
-            node = msg.metadata.dst_node_id
-            d = update(server_round, node, {k: v.shape for k, v in arrays.items()})
-            kind = self.bad.get(node)
-            if kind == "nan":
-                d[next(iter(d))][0] = np.nan
-            elif kind == "huge":
-                d = {k: v * 1e4 for k, v in d.items()}
-            elif kind == "shape":
-                d = {k: np.zeros(v.shape + (1,), v.dtype) for k, v in d.items()}
-            metrics = MetricRecord({"num-examples": EXAMPLES[node], "train-loss": 0.5})
-            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in d.items()}), "metrics": metrics})
-            replies.append(Message(content, reply_to=msg))
-        return replies
+    def answer(self, msg):
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        server_round = int(msg.content["config"]["server-round"])
+        self.sent[server_round] = arrays
+        self.configs[server_round] = dict(msg.content["config"])
+        node = msg.metadata.dst_node_id
+        d = update(server_round, node, {k: v.shape for k, v in arrays.items()})
+        kind = self.bad.get(node)
+        if kind == "nan":
+            d[next(iter(d))][0] = np.nan
+        elif kind == "huge":
+            d = {k: v * 1e4 for k, v in d.items()}
+        elif kind == "shape":
+            d = {k: np.zeros(v.shape + (1,), v.dtype) for k, v in d.items()}
+        metrics = MetricRecord({"num-examples": EXAMPLES[node], "train-loss": 0.5})
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in d.items()}), "metrics": metrics})
+        return Message(content, reply_to=msg)
 
 
 def run(tmp_path, strategy: str, rounds: int = ROUNDS, grid: ControlledGrid | None = None, **options):
@@ -239,7 +236,7 @@ def test_a_bad_update_is_rejected_with_its_reason_and_never_reaches_the_model(tm
         np.testing.assert_allclose(got, expected[k], rtol=1e-4, atol=1e-5)
 
 
-class InProcessFederation:
+class InProcessFederation(LocalGrid):
     """A grid whose nodes run fedtrain's real train and evaluate handlers in this process (DP-SGD on
     their digits shard, ledger and all), without Ray; node `attacker` replaces its update by `attack`."""
 
@@ -255,20 +252,16 @@ class InProcessFederation:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def answer(self, msg):
         from fedtrain.clients.handlers import handle_evaluate, handle_train
 
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            node = msg.metadata.dst_node_id
-            handler = handle_train if msg.metadata.message_type == "train" else handle_evaluate
-            reply = handler(msg, self.contexts[node], self.config)
-            if handler is handle_train and node == self.attacker:
-                update = reply.content["arrays"]
-                reply.content["arrays"] = ArrayRecord({k: Array(self.attack(v.numpy())) for k, v in update.items()})
-            replies.append(reply)
-        return replies
+        node = msg.metadata.dst_node_id
+        handler = handle_train if msg.metadata.message_type == "train" else handle_evaluate
+        reply = handler(msg, self.contexts[node], self.config)
+        if handler is handle_train and node == self.attacker:
+            update = reply.content["arrays"]
+            reply.content["arrays"] = ArrayRecord({k: Array(self.attack(v.numpy())) for k, v in update.items()})
+        return reply
 
 
 @pytest.fixture

@@ -206,5 +206,3 @@ def handle_evaluate(msg: Message, context: Context, config: Config) -> Message:
     loss, accuracy = evaluate(model.to(device), held_out, device) if len(held_out) else (0.0, 0.0)
     metrics = MetricRecord({"num-examples": len(held_out), "eval-loss": loss, "eval-accuracy": accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-

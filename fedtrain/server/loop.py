@@ -38,10 +38,13 @@ from fedtrain.security.keys import load_model_key
 from fedtrain.server import checkpoint, history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.payload_sealer import PayloadSealer
-from fedtrain.server.screening import ClientPrivacy, Screened, screen, screen_masked
+from fedtrain.server.reply_stream import stream_replies
+from fedtrain.server.screening import ClientPrivacy, Screened, screen, screen_masked, screen_reply
 from fedtrain.server.secure_aggregation import SecureAggregator
+from fedtrain.server.streaming_mean import StreamingMean
 from fedtrain.strategies import central_dp, make_strategy
 from fedtrain.strategies.central_dp import UNIT_WEIGHT
+from fedtrain.strategies.registry import STREAMABLE
 
 log = logging.getLogger("fedtrain")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -50,6 +53,14 @@ PLOT_EVERY_SECONDS = 60.0  # training.png is redrawn at most this often, and aft
 
 def _mean_metric(metrics: Any, key: str) -> float:
     return float(metrics[key]) if metrics is not None and key in metrics else float("nan")
+
+
+def _mean_reply(global_np: dict[str, np.ndarray], mean: dict[str, np.ndarray], weight: float, loss: float) -> Message:
+    """One reply holding w_t + the mean update: what a mean-based strategy aggregates to itself,
+    or takes its server step (FedAdam, FedAvgM...) on."""
+    arrays = ArrayRecord({k: Array(np.asarray(g + mean[k], dtype=g.dtype)) for k, g in global_np.items()})
+    metrics = MetricRecord({"num-examples": weight, "train-loss": loss, UNIT_WEIGHT: 1})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0, message_type="train")
 
 
 class Federation:
@@ -85,6 +96,9 @@ class Federation:
         self._plotted = time.monotonic()
         self._recipients: dict[str, int] = {}  # the last exchange: message id -> the node it went to
         self.secure = SecureAggregator(config) if config.secure_aggregation else None
+        # A weighted mean (then maybe a server step) is summed as replies arrive: the server's memory
+        # does not grow with the number of clients. Client-level DP's wrapper clips each reply itself.
+        self.streams = self.secure is None and config.strategy in STREAMABLE and not central_dp.uses_central_dp(config)
         self.released: list[int] = []  # rounds whose model client-level DP released (when it is on)
         # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
         self.clients_needed = config.clients if central_dp.uses_central_dp(config) else config.clients_to_wait_for
@@ -139,6 +153,8 @@ class Federation:
         if self.secure is not None:
             screened, secure = self._secure_exchange(grid, messages, server_round, global_np)
             usable = secure["contributors"]
+        elif self.streams:
+            screened, usable = self._streamed_exchange(grid, messages, server_round, global_np)
         else:
             replies, unopened = self._exchange(grid, messages, server_round)
             screened = screen(replies, global_np, self.node_names, self._node_of, self.config.max_update_norm)
@@ -278,23 +294,43 @@ class Federation:
             )
         screened.accepted = []
         if outcome.mean is not None:
-            arrays = ArrayRecord(
-                {
-                    k: Array(np.asarray(global_np[k] + mean, dtype=global_np[k].dtype))
-                    for k, mean in zip(global_np, outcome.mean, strict=True)
-                }
-            )
             losses = [float(m["train-loss"]) for m in metrics if "train-loss" in m]
-            summary_metrics = MetricRecord(
-                {
-                    "num-examples": outcome.contributors,
-                    "train-loss": float(np.mean(losses)) if losses else float("nan"),
-                    UNIT_WEIGHT: 1,
-                }
-            )
-            content = RecordDict({"arrays": arrays, "metrics": summary_metrics})
-            screened.accepted = [Message(content, dst_node_id=0, message_type="train")]
+            mean = dict(zip(global_np, outcome.mean, strict=True))
+            loss = float(np.mean(losses)) if losses else float("nan")
+            screened.accepted = [_mean_reply(global_np, mean, outcome.contributors, loss)]
         return screened, summary
+
+    def _streamed_exchange(
+        self, grid: Grid, messages: list[Message], server_round: int, global_np: dict[str, np.ndarray]
+    ) -> tuple[Screened, int]:
+        """Screen and sum each reply as it arrives, keeping no update: (the screened round, with at
+        most one accepted reply holding w_t + the weighted mean update; the updates summed)."""
+        if self.sealer is not None:
+            messages = self.sealer.seal(messages, server_round)
+        replies = stream_replies(grid, messages, timeout=self.config.round_timeout)
+        self._recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        screened, mean, loss_sum, answered = Screened(), StreamingMean(global_np), 0.0, []
+        for reply in replies:
+            answered.append(self._node_of(reply))
+            if self.sealer is not None:
+                opened, unopened = self.sealer.open([reply], server_round)
+                screened.failed.update({self._name(node): why for node, why in unopened.items()})
+                if not opened:
+                    continue
+            update = screen_reply(reply, global_np, self.node_names, self._node_of, self.config.max_update_norm,
+                                  screened)  # fmt: skip
+            if update is not None:
+                metrics = next(iter(reply.content.metric_records.values()))
+                examples = float(metrics["num-examples"])
+                mean.add(update, examples)
+                loss_sum += examples * float(metrics.get("train-loss", float("nan")))
+            if not reply.has_error():
+                reply.content = RecordDict()  # nothing of the update stays while later replies arrive
+        self._note_missing(messages, answered, screened.failed)
+        if mean.count:
+            loss = loss_sum / mean.total_weight
+            screened.accepted = [_mean_reply(global_np, mean.result(), mean.total_weight, loss)]
+        return screened, mean.count
 
     def _name(self, node: int) -> str:
         return self.node_names.get(node, f"node-{node}")

@@ -53,21 +53,26 @@ def error_reason(msg: Message) -> str:
 
 def _check_update(
     update: ArrayRecord, global_arrays: dict[str, np.ndarray], max_norm: float | None = None
-) -> str | None:
+) -> tuple[str | None, dict[str, np.ndarray]]:
+    """(what is wrong with the update or None, its tensors decoded once)."""
     if set(update.keys()) != set(global_arrays):
-        return "its update has different tensors than the global model"
-    squares = 0.0
+        return "its update has different tensors than the global model", {}
+    squares, decoded = 0.0, {}
     for name, array in update.items():
         value, reference = array.numpy(), global_arrays[name]
+        decoded[name] = value
         if value.shape != reference.shape or value.dtype != reference.dtype:
-            return f"tensor {name} has shape {value.shape}/{value.dtype}, expected {reference.shape}/{reference.dtype}"
+            problem = (
+                f"tensor {name} has shape {value.shape}/{value.dtype}, expected {reference.shape}/{reference.dtype}"
+            )
+            return problem, {}
         if np.issubdtype(value.dtype, np.floating):
             if not np.isfinite(value).all():
-                return f"tensor {name} contains NaN or infinite values"
+                return f"tensor {name} contains NaN or infinite values", {}
             squares += float(np.sum(np.square(value, dtype=np.float64)))
     if max_norm is not None and squares**0.5 > max_norm:
-        return f"its L2 norm {squares**0.5:.4g} exceeds max_update_norm = {max_norm:g}"
-    return None
+        return f"its L2 norm {squares**0.5:.4g} exceeds max_update_norm = {max_norm:g}", {}
+    return None, decoded
 
 
 def _read_privacy(msg: Message, name: str, out: Screened) -> bool:
@@ -91,6 +96,35 @@ def _read_privacy(msg: Message, name: str, out: Screened) -> bool:
     return False
 
 
+def screen_reply(
+    msg: Message,
+    global_arrays: dict[str, np.ndarray],
+    known: dict[int, str],
+    node_of: Callable[[Message], int],
+    max_update_norm: float | None,
+    out: Screened,
+) -> dict[str, np.ndarray] | None:
+    """Sort one reply into `out` (its ledger, a refusal or a failure); the update d, decoded, when
+    it is accepted (the caller decides what becomes of it)."""
+    name = _name(msg, node_of(msg), known)
+    if _read_privacy(msg, name, out):
+        return None
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        out.failed[name] = "reply does not hold exactly one update and one set of metrics"
+        return None
+    metrics = next(iter(content.metric_records.values()))
+    problem, update = _check_update(next(iter(content.array_records.values())), global_arrays, max_update_norm)
+    examples = metrics.get("num-examples")
+    if problem is None and (not isinstance(examples, (int, float)) or not examples > 0):
+        problem = "it reports no training examples"
+    if problem:
+        out.failed[name] = f"rejected update: {problem}"
+        return None
+    metrics[UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
+    return update
+
+
 def screen(
     replies: list[Message],
     global_arrays: dict[str, np.ndarray],
@@ -104,24 +138,11 @@ def screen(
     node a reply answers for (the SuperLink itself sends the error reply of a node that died)."""
     out = Screened()
     for msg in replies:
-        name = _name(msg, node_of(msg), known)
-        if _read_privacy(msg, name, out):
+        update = screen_reply(msg, global_arrays, known, node_of, max_update_norm, out)
+        if update is None:
             continue
-        content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            out.failed[name] = "reply does not hold exactly one update and one set of metrics"
-            continue
-        update = next(iter(content.array_records.values()))
-        metrics = next(iter(content.metric_records.values()))
-        problem = _check_update(update, global_arrays, max_update_norm)
-        examples = metrics.get("num-examples")
-        if problem is None and (not isinstance(examples, (int, float)) or not examples > 0):
-            problem = "it reports no training examples"
-        if problem:
-            out.failed[name] = f"rejected update: {problem}"
-            continue
-        metrics[UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
-        weights = ArrayRecord({k: Array(global_arrays[k] + update[k].numpy()) for k in global_arrays})
+        metrics = next(iter(msg.content.metric_records.values()))
+        weights = ArrayRecord({k: Array(global_arrays[k] + update[k]) for k in global_arrays})
         msg.content = RecordDict({"arrays": weights, "metrics": metrics})  # what Flower strategies expect
         out.accepted.append(msg)
     return out
