@@ -15,7 +15,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtrain.clients.grad_sample_mode import REFERENCE_MODE, choose_grad_sample_mode, handles_every_layer
+from fedtrain.clients.grad_sample_mode import REFERENCE_MODE, choose_grad_sample_mode, matches_reference
 from fedtrain.clients.trainer import private_step
 from fedtrain.models import BUILTIN_MODELS, build_model
 
@@ -69,8 +69,11 @@ def _fast_mode(name: str) -> str:
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_on_the_cpu_the_builtin_models_use_expanded_weights(name: str) -> None:
     model = build_model(name, SHAPE, CLASSES, seed=0)
+    rng = torch.get_rng_state()
     assert choose_grad_sample_mode(model, SHAPE, CPU) == "ew"
-    # The probe ran on a copy: the model itself carries no per-sample gradients, gradients or hooks.
+    # The probe left the trainer's random stream alone (it seeds the Poisson sampler before choosing)...
+    assert torch.equal(torch.get_rng_state(), rng)
+    # ...and ran on copies: the model itself carries no per-sample gradients, gradients or hooks.
     assert all(getattr(p, "grad_sample", None) is None and p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
 
@@ -129,10 +132,26 @@ def test_an_empty_poisson_batch_is_pure_noise_and_counted_as_with_hooks(name: st
 def test_a_layer_expanded_weights_lack_falls_back_to_hooks() -> None:
     # PReLU has a weight that PyTorch's expanded weights cannot handle; Opacus's hooks can (functorch).
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.PReLU(), nn.Linear(8, CLASSES))
-    assert not handles_every_layer(model, "ew", SHAPE, CPU)
+    assert not matches_reference(model, "ew", SHAPE, CPU)
     assert choose_grad_sample_mode(model, SHAPE, CPU) == "hooks"
     before = [p.detach().clone() for p in model.parameters()]
     engine, private_model, optimizer = _private(model, "hooks", noise_multiplier=1.0)
     private_step(private_model, optimizer, nn.CrossEntropyLoss(), *_batch())
     assert all(not torch.allclose(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert engine.accountant.history == [(1.0, 1 / 3, 1)]
+
+
+def test_a_mode_whose_per_sample_gradients_differ_from_hooks_is_not_taken(monkeypatch) -> None:
+    """Expanded weights told the wrong loss reduction: every per-sample gradient is off by the batch size."""
+    from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    model = build_model("mlp", SHAPE, CLASSES, seed=0)
+    assert choose_grad_sample_mode(model, SHAPE, CPU) == "ew"
+
+    def wrong_forward(self, x, *args, **kwargs):
+        return call_for_per_sample_grads(self._module, batch_size=x.shape[0], loss_reduction="sum")(x, *args, **kwargs)
+
+    monkeypatch.setattr(GradSampleModuleExpandedWeights, "forward", wrong_forward)
+    assert not matches_reference(model, "ew", SHAPE, CPU)
+    assert choose_grad_sample_mode(model, SHAPE, CPU) == "hooks"
