@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotune, hooks)")
-    p.add_argument("--repeats", type=int, default=3, help="timed blocks of --steps; the best one counts")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed blocks of --steps, modes taking turns; the best counts"
+    )
     p.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated Opacus grad_sample_mode values, or {FEDTRAIN!r}"
     )
@@ -83,13 +86,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
 
 
-def timed_steps(model, optimizer, criterion, loader, device, args) -> float:
-    """Samples/s over --steps steps, after --warmup untimed ones. Mirrors the trainer's step.
-
-    The best of --repeats blocks counts: other load on the machine only ever slows a block down,
-    so the fastest one is the closest to what the code itself costs (as `timeit` does).
-    """
+def make_step(model, optimizer, criterion, loader, device) -> Callable[[], None]:
+    """One training step on the next batch, as the trainer takes it."""
     batches = itertools.cycle(loader)
+    model.train()
 
     def step() -> None:
         x, y = next(batches)
@@ -98,27 +98,16 @@ def timed_steps(model, optimizer, criterion, loader, device, args) -> float:
         criterion(model(x), y).backward()
         optimizer.step()
 
-    model.train()
-    for _ in range(args.warmup):
-        step()
-    best = float("inf")
-    for _ in range(args.repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return args.steps * args.batch / best
+    return step
 
 
-def non_private(loader, device, args) -> float:
+def non_private(loader, device, args) -> Callable[[], None]:
     model = fresh_model(args).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    return timed_steps(model, optimizer, nn.CrossEntropyLoss(), loader, device, args)
+    return make_step(model, optimizer, nn.CrossEntropyLoss(), loader, device)
 
 
-def private(mode: str, loader, device, args) -> float:
+def private(mode: str, loader, device, args) -> Callable[[], None]:
     from opacus import PrivacyEngine
 
     model = fresh_model(args).to(device)
@@ -139,7 +128,29 @@ def private(mode: str, loader, device, args) -> float:
         model, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
     else:
         model, optimizer, loader = engine.make_private(**common)
-    return timed_steps(model, optimizer, criterion, loader, device, args)
+    return make_step(model, optimizer, criterion, loader, device)
+
+
+def samples_per_s(steps: dict[str, Callable[[], None]], device, args) -> dict[str, float]:
+    """Samples/s of each way of stepping, over --steps steps, after --warmup untimed ones.
+
+    The ways take turns, one timed block each, --repeats times, and each one's best block counts:
+    other load on the machine only ever slows a block down, so the fastest is the closest to what the
+    code itself costs (as `timeit` does), and taking turns gives every way the same quiet moments.
+    """
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: args.steps * args.batch / seconds for name, seconds in best.items()}
 
 
 def cpu_name() -> str:
@@ -164,24 +175,29 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (in warm-up)
     loader = make_loader(args)
-    base = non_private(loader, device, args)
-    rows = [{"mode": "non-private", "samples_per_s": base, "ratio": 1.0, "error": None}]
     chosen = choose_grad_sample_mode(fresh_model(args), [1, args.input, args.input], device)
     requested = [chosen if m.strip() == FEDTRAIN else m.strip() for m in args.modes.split(",") if m.strip()]
     modes = list(dict.fromkeys([*requested, chosen]))  # fedtrain's choice is always measured, once
+    steps: dict[str, Callable[[], None]] = {"non-private": non_private(loader, device, args)}
+    errors: dict[str, str] = {}
+    with warnings.catch_warnings():
+        # Known-harmless: no torchcsprng (secure RNG), and hooks firing on the first layer.
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        for mode in modes:
+            try:
+                steps[mode] = private(mode, loader, device, args)
+                steps[mode]()  # a mode that cannot train this model fails here, not in the timing
+            except Exception as exc:  # an unsupported layer/mode is a result, not a crash
+                errors[mode] = short_reason(exc)
+                steps.pop(mode, None)
+        speeds = samples_per_s(steps, device, args)
+    base = speeds["non-private"]
+    rows = [{"mode": "non-private", "samples_per_s": base, "ratio": 1.0, "error": None}]
     for mode in modes:
-        try:
-            with warnings.catch_warnings():
-                # Known-harmless: no torchcsprng (secure RNG), and hooks firing on the first layer.
-                warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-                warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-                speed = private(mode, loader, device, args)
-            rows.append({"mode": mode, "samples_per_s": speed, "ratio": speed / base, "error": None})
-        except Exception as exc:  # an unsupported layer/mode is a result, not a crash
-            rows.append({"mode": mode, "samples_per_s": None, "ratio": None, "error": short_reason(exc)})
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        speed = speeds.get(mode)
+        ratio = speed / base if speed else None
+        rows.append({"mode": mode, "samples_per_s": speed, "ratio": ratio, "error": errors.get(mode)})
     working = [r for r in rows[1:] if r["samples_per_s"]]
     fastest = max(working, key=lambda r: r["samples_per_s"])["mode"] if working else None
     fedtrain_row = next(r for r in rows[1:] if r["mode"] == chosen)
@@ -234,7 +250,7 @@ def print_table(report: dict) -> None:
     cpu = f"{report['threads']} CPU threads, load {report['load_avg_1min']:.1f}"
     print(
         f"DP-SGD throughput: model {report['model']} {'x'.join(map(str, report['input']))}, batch {report['batch']}, "
-        f"best of {report['repeats']} x {report['steps']} timed steps after {report['warmup']} warm-up, "
+        f"best of {report['repeats']} turns x {report['steps']} timed steps after {report['warmup']} warm-up, "
         f"on {report['device']} ({report['device_name']}, {cpu}); "
         f"torch {report['torch']}, opacus {report['opacus']}"
     )
