@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -45,22 +46,22 @@ BUDGET_S = 14 * 60  # `make bench` must finish within 15 minutes on the 2-core d
 @dataclass(frozen=True)
 class Benchmark:
     name: str  # benchmarks/<name>.py
-    args: tuple[str, ...]  # small settings (the --json argument is added)
+    args: str  # small settings, as on a command line (the --json argument is added)
     timeout_s: int  # never more than what is left of the budget
     loopback_only: bool = False  # it starts servers: run it in a network namespace with loopback only
 
 
 # One thread for DP-SGD as fedtrain's clients train (clients/app.py: handle_train); with two threads
 # on two cores shared with other work, torch's thread pool waits on itself and the ratio halves.
-DP_SETTINGS = ("--model", "cnn", "--device", "cpu", "--modes", "fedtrain", "--steps", "10", "--threads", "1")
+DP_SETTINGS = "--model cnn --device cpu --modes fedtrain --steps 10 --repeats 5 --threads 1"
 
 # Cheapest first, so a slow one at the end cannot starve the others of the budget.
 BENCHMARKS = (
     Benchmark("dp_throughput", DP_SETTINGS, 150),
-    Benchmark("encryption_cost", ("--rounds", "3"), 150),
-    Benchmark("aggregation", ("--quick",), 180),  # being written on another branch: run where present
-    Benchmark("simulation_scale", ("--clients", "10,100"), 300, loopback_only=True),  # likewise
-    Benchmark("deployment_overhead", ("--rounds", "3", "--repeats", "1"), 600, loopback_only=True),
+    Benchmark("encryption_cost", "--rounds 3", 150),
+    Benchmark("aggregation", "--quick", 180),  # being written on another branch: run where present
+    Benchmark("simulation_scale", "--clients 10,100", 300, loopback_only=True),  # likewise
+    Benchmark("deployment_overhead", "--rounds 3 --repeats 1", 600, loopback_only=True),
 )
 
 
@@ -91,11 +92,11 @@ def run_one(benchmark: Benchmark, out: Path, seconds_left: float) -> list[dict]:
     if timeout < 10:
         return [failed_row(benchmark, "not run: the time budget of the whole run is spent")]
     result = out / f"{benchmark.name}.json"
-    argv = [sys.executable, str(script), *benchmark.args, "--json", str(result)]
+    argv = [sys.executable, str(script), *shlex.split(benchmark.args), "--json", str(result)]
     if benchmark.loopback_only:
         argv = [str(REPO / "scripts" / "loopback-only"), *argv]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    print(f"-- {benchmark.name}: {' '.join(benchmark.args)} (at most {timeout:.0f} s)", flush=True)
+    print(f"-- {benchmark.name}: {benchmark.args} (at most {timeout:.0f} s)", flush=True)
     started = time.monotonic()
     process = ManagedProcess(benchmark.name, argv, env, out / f"{benchmark.name}.log")
     try:
