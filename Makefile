@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints/cpu.txt
 STAMP := $(VENV)/.fedtrain-installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test bench lint format clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 test: install
 	$(BIN)/ruff check fedtrain tests
 	scripts/loopback-only $(BIN)/python -m pytest
+
+# Every benchmark with small settings, one table of verdicts (benchmarks/run.py); under 15 minutes on 2 cores.
+bench: install
+	$(BIN)/python benchmarks/run.py
 
 lint: install
 	$(BIN)/ruff check fedtrain tests

@@ -11,7 +11,9 @@ Seconds per round = the server loop's time over R rounds / R (process start-up e
 sides). The two federations alternate, `--repeats` times each, and the medians are compared.
 Target: fedtrain / plain <= 1.10.
 
-    .venv/bin/python benchmarks/deployment_overhead.py [--rounds 5] [--repeats 2]
+    .venv/bin/python benchmarks/deployment_overhead.py [--rounds 5] [--repeats 2] [--json PATH]
+
+--json writes benchmarks/run.py's rows (see its docstring).
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write benchmarks/run.py's rows here")
     args = parser.parse_args()
     fedtrain_s, plain_s = [], []
     with tempfile.TemporaryDirectory(prefix="fedtrain-bench-") as tmp:
@@ -188,6 +191,19 @@ def main() -> None:
         f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
     print(f"all runs, s/round: plain {[round(s, 2) for s in plain_s]}, fedtrain {[round(s, 2) for s in fedtrain_s]}")
+    if args.json:
+        row = {
+            "measure": f"seconds per round, deployment on 127.0.0.1, {CLIENTS} clients, {args.rounds} rounds, "
+            f"median of {args.repeats} (baseline: plain Flower + Opacus)",
+            "baseline": round(statistics.median(plain_s), 3),
+            "value": round(statistics.median(fedtrain_s), 3),
+            "ratio": round(ratio, 4),
+            "target": f"<= {TARGET:.2f}",
+            "passed": verdict == "PASS",
+        }
+        runs = {"plain_s_per_round": plain_s, "fedtrain_s_per_round": fedtrain_s}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": [row], "runs": runs}, indent=2) + "\n")
     sys.exit(0 if verdict == "PASS" else 1)
 
 

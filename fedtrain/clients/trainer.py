@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import secrets
 import warnings
@@ -14,8 +15,11 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode, set_empty_grad_samples
 from fedtrain.clients.ledger import LedgerEntry, PrivacyLedger
 from fedtrain.data import Dataset
+
+log = logging.getLogger("fedtrain")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,28 @@ def planned_round(num_samples: int, settings: TrainSettings, noise_multiplier: f
     )
 
 
+def private_step(
+    private_model: nn.Module,
+    private_optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor | None:
+    """One DP-SGD step on a batch; its loss, or None for an empty batch."""
+    private_optimizer.zero_grad(set_to_none=True)
+    if len(y) == 0:
+        # An empty Poisson batch still counts: Opacus adds pure noise and the accountant counts the step.
+        # No forward pass (expanded weights refuse a batch of 0): its per-sample gradients are set directly.
+        set_empty_grad_samples(private_model)
+        loss = None
+    else:
+        loss = criterion(private_model(x), y)
+        with _quiet_opacus():
+            loss.backward()
+    private_optimizer.step()
+    return loss
+
+
 def train_round(
     model: nn.Module,
     data: Dataset,
@@ -92,6 +118,8 @@ def train_round(
         engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = ledger.history()
     steps_before = sum(step for *_, step in engine.accountant.history)
+    mode = choose_grad_sample_mode(model, list(data.x.shape[1:]), device)
+    log.debug("per-sample gradients with Opacus grad_sample_mode=%s on %s", mode, device)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -100,25 +128,21 @@ def train_round(
         max_grad_norm=settings.max_grad_norm,
         poisson_sampling=True,
         noise_generator=noise_generator,
+        grad_sample_mode=mode,
     )
     criterion = nn.CrossEntropyLoss()
     loss_sum, loss_count = 0.0, 0
     for _ in range(settings.local_epochs):
         for x, y in private_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            private_optimizer.zero_grad(set_to_none=True)
-            # An empty Poisson batch still runs: Opacus then adds pure noise and counts the step.
-            loss = criterion(private_model(x), y)
-            with _quiet_opacus():
-                loss.backward()
-            private_optimizer.step()
+            loss = private_step(private_model, private_optimizer, criterion, x, y)
             if settings.proximal_mu > 0:
                 # The proximal term's gradient mu (w - w_t) depends on no example: it is applied after the
                 # private step, outside clipping and noise, and costs no privacy.
                 with torch.no_grad():
                     for param, start in zip(model.parameters(), anchor, strict=True):
                         param.add_(param - start, alpha=-settings.lr * settings.proximal_mu)
-            if len(y):
+            if loss is not None:
                 loss_sum += loss.item() * len(y)
                 loss_count += len(y)
     steps_after = sum(step for *_, step in engine.accountant.history)
