@@ -44,20 +44,30 @@ def _check_key(key: bytes) -> None:
         raise EnvelopeError("an encryption key must be 32 random bytes (AES-256); check the key file.")
 
 
-def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
-    """Encrypt and authenticate `plaintext`, binding it to `associated_data`."""
+def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytearray:
+    """Encrypt and authenticate `plaintext`, binding it to `associated_data`.
+
+    The ciphertext is written straight after the header in one buffer (no copy of a large model
+    to prepend the header): the envelope is a bytearray, usable wherever bytes are."""
     _check_key(key)
     nonce = os.urandom(NONCE_BYTES)  # 96-bit random nonce: fresh per message, as GCM requires
     header = MAGIC + bytes([VERSION]) + key_id(key) + nonce
-    return header + AESGCM(key).encrypt(nonce, plaintext, header + associated_data)
+    envelope = bytearray(HEADER_BYTES + len(plaintext) + TAG_BYTES)
+    envelope[:HEADER_BYTES] = header
+    aead, aad = AESGCM(key), header + associated_data
+    if hasattr(aead, "encrypt_into"):  # cryptography >= 45
+        aead.encrypt_into(nonce, plaintext, aad, memoryview(envelope)[HEADER_BYTES:])
+    else:
+        envelope[HEADER_BYTES:] = aead.encrypt(nonce, plaintext, aad)
+    return envelope
 
 
 def open_sealed(key: bytes, envelope: bytes, associated_data: bytes, what: str = "the data") -> bytes:
     """Decrypt an envelope made by `seal`, or raise EnvelopeError saying why it cannot be opened."""
     _check_key(key)
-    if not isinstance(envelope, (bytes, bytearray)) or len(envelope) < HEADER_BYTES + TAG_BYTES:
+    if not isinstance(envelope, (bytes, bytearray, memoryview)) or len(envelope) < HEADER_BYTES + TAG_BYTES:
         raise EnvelopeError(f"{what} is truncated or not a fedtrain encrypted file.")
-    envelope = bytes(envelope)
+    envelope = memoryview(envelope)  # slices below are views: the ciphertext is never copied
     if envelope[: len(MAGIC)] != MAGIC:
         raise EnvelopeError(f"{what} is not a fedtrain encrypted file (bad magic bytes).")
     version = envelope[len(MAGIC)]
@@ -65,7 +75,7 @@ def open_sealed(key: bytes, envelope: bytes, associated_data: bytes, what: str =
         raise EnvelopeError(
             f"{what} uses envelope format version {version}, which this fedtrain cannot read; upgrade fedtrain."
         )
-    header = envelope[:HEADER_BYTES]
+    header = bytes(envelope[:HEADER_BYTES])
     stored_id = header[len(MAGIC) + 1 : len(MAGIC) + 1 + KEY_ID_BYTES]
     if stored_id != key_id(key):
         raise EnvelopeError(
