@@ -414,6 +414,9 @@ def client(
     data: Annotated[Path, typer.Option("--data", help="This client's private shard (file or image folder).")],
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     max_wait: Annotated[float, typer.Option(help="Seconds to keep trying to reach the server.")] = 60.0,
+    max_physical_batch_size: Annotated[
+        int | None, typer.Option(help="Compute each batch in chunks of at most this many samples (GPU memory).")
+    ] = None,
     passphrase_env: Annotated[str | None, typer.Option(help="Variable holding the node key's passphrase.")] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
@@ -427,7 +430,11 @@ def client(
         _warn_insecure("client")
     if device:
         resolve_device(device)
-    options = ClientOptions(kit, server_address, data, device, max_wait, _passphrase(passphrase_env), insecure)
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        raise FedtrainError(f"--max-physical-batch-size must be at least 1, not {max_physical_batch_size}.")
+    options = ClientOptions(
+        kit, server_address, data, device, max_wait, _passphrase(passphrase_env), insecure, max_physical_batch_size
+    )
     join(options, lambda text: console.print(text, highlight=False))
 
 

@@ -83,6 +83,7 @@ class Config:
     momentum: float = 0.0
     batch_size: int = 100
     local_epochs: int = 2
+    max_physical_batch_size: int | None = None  # GPU memory: compute a batch in chunks of this size
     # differential privacy (sample-level, per client)
     target_epsilon: float | None = 3.0
     noise_multiplier: float | None = None
@@ -136,6 +137,8 @@ class Config:
             _positive(self, "noise_multiplier")
         if self.delta is not None:
             _in_range(self, "delta", 0.0, 1.0, low_open=True, high_open=True)
+        if self.max_physical_batch_size is not None:
+            _positive_int(self, "max_physical_batch_size")
         self._validate_central_dp()
         if self.num_classes is not None and self.num_classes < 2:
             raise FedtrainError(f"num_classes must be at least 2, not {self.num_classes}.")
@@ -244,7 +247,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     kind = type(default) if default is not None else None
     if name in ("target_epsilon", "noise_multiplier", "delta", "max_epsilon", "central_delta", "max_client_epsilon"):
         kind = float
-    elif name in ("num_classes", "min_available_clients"):
+    elif name in ("num_classes", "min_available_clients", "max_physical_batch_size"):
         kind = int
     elif name in ("run_dir", "key_file", "kit"):
         kind = str

@@ -51,3 +51,20 @@ def test_a_round_full_of_empty_poisson_batches_trains_with_the_cpu_fast_mode() -
     assert all(
         torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)
     )
+
+
+def test_large_logical_batches_run_in_physical_chunks_with_one_dp_step_each(monkeypatch) -> None:
+    """BatchMemoryManager: no chunk exceeds max_physical_batch_size, yet privacy counts one step per
+    logical (Poisson) batch, exactly as planned without it."""
+    import fedtrain.clients.trainer as trainer
+
+    seen, real = [], trainer.private_step
+    monkeypatch.setattr(trainer, "private_step", lambda m, o, c, x, y: (seen.append(len(y)), real(m, o, c, x, y))[1])
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
+    settings = TrainSettings(32, 2, 0.5, 0.0, 1.0, max_physical_batch_size=5)
+    model = build_model("logistic", [4], 3, seed=0)
+    result = train_round(model, data, settings, 1.0, PrivacyLedger(delta=1e-5), torch.device("cpu"))
+    assert result.entry == planned_round(64, settings, 1.0) and result.entry.steps == 4
+    assert max(seen) <= 5 and len(seen) > 4 * 2  # every logical batch of about 32 came in chunks
+    assert np.isfinite(result.loss)

@@ -42,6 +42,7 @@ class ClientOptions:
     max_wait: float = 60.0
     passphrase: bytes | None = None
     insecure: bool = False
+    max_physical_batch_size: int | None = None  # this node's GPU memory, whatever the run's batch size
 
 
 def _check_server(address: str) -> None:
@@ -77,6 +78,8 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
         node_config = f"data-path='{data}' kit='{kit}' client-name='{info['name']}'"
         if options.device:
             node_config += f" device='{options.device}'"
+        if options.max_physical_batch_size:
+            node_config += f" max-physical-batch-size={int(options.max_physical_batch_size)}"
         security = (
             ["--insecure"]
             if options.insecure

@@ -153,7 +153,16 @@ def handle_train(msg: Message, context: Context, config: Config, ledger_key: byt
     disk, run = _ledger_disk(context, ledger_key), _run_of(msg, context)
     _restore_from_disk(context, disk, run)
     train, _ = client_data(config, context)
-    settings = TrainSettings(config.batch_size, config.local_epochs, config.lr, config.momentum, config.max_grad_norm)
+    settings = TrainSettings(
+        config.batch_size,
+        config.local_epochs,
+        config.lr,
+        config.momentum,
+        config.max_grad_norm,
+        # a real node may set its own (`fedtrain client --max-physical-batch-size`): its GPU, its memory
+        max_physical_batch_size=int(context.node_config.get("max-physical-batch-size", 0))
+        or config.max_physical_batch_size,
+    )
     ledger = _ledger(context, len(train), config)
     plan = planned_round(len(train), settings, 1.0)
     sigma = _noise_multiplier(context, config, ledger, plan.sample_rate, plan.steps)

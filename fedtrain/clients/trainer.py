@@ -30,6 +30,9 @@ class TrainSettings:
     momentum: float
     max_grad_norm: float
     proximal_mu: float = 0.0  # FedProx: the server's strategy sends it with each round
+    # Large logical batches on a small GPU: Opacus's BatchMemoryManager computes each Poisson batch in
+    # physical chunks of at most this many samples and takes one DP step per logical batch (same privacy).
+    max_physical_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,20 +134,33 @@ def train_round(
         grad_sample_mode=mode,
     )
     criterion = nn.CrossEntropyLoss()
-    loss_sum, loss_count = 0.0, 0
-    for _ in range(settings.local_epochs):
-        for x, y in private_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = private_step(private_model, private_optimizer, criterion, x, y)
-            if settings.proximal_mu > 0:
-                # The proximal term's gradient mu (w - w_t) depends on no example: it is applied after the
-                # private step, outside clipping and noise, and costs no privacy.
-                with torch.no_grad():
-                    for param, start in zip(model.parameters(), anchor, strict=True):
-                        param.add_(param - start, alpha=-settings.lr * settings.proximal_mu)
-            if loss is not None:
-                loss_sum += loss.item() * len(y)
-                loss_count += len(y)
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    with _batches(private_loader, private_optimizer, settings.max_physical_batch_size) as batches:
+        for _ in range(settings.local_epochs):
+            for x, y in batches:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = private_step(private_model, private_optimizer, criterion, x, y)
+                if settings.proximal_mu > 0 and not getattr(private_optimizer, "_is_last_step_skipped", False):
+                    # The proximal term's gradient mu (w - w_t) depends on no example: it is applied after
+                    # the private step, outside clipping and noise, and costs no privacy.
+                    with torch.no_grad():
+                        for param, start in zip(model.parameters(), anchor, strict=True):
+                            param.add_(param - start, alpha=-settings.lr * settings.proximal_mu)
+                if loss is not None:
+                    loss_sum += loss.detach() * len(y)
+                    loss_count += len(y)
     steps_after = sum(step for *_, step in engine.accountant.history)
     entry = LedgerEntry(noise_multiplier, private_loader.sample_rate, steps_after - steps_before)
-    return RoundResult(len(data), loss_sum / max(1, loss_count), entry)
+    return RoundResult(len(data), float(loss_sum) / max(1, loss_count), entry)
+
+
+@contextlib.contextmanager
+def _batches(loader: DataLoader, optimizer, max_physical: int | None) -> Iterator:
+    """The private loader itself, or Opacus's BatchMemoryManager splitting its batches."""
+    if max_physical is None:
+        yield loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical, optimizer=optimizer) as split:
+        yield split
