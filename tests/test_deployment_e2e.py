@@ -97,14 +97,16 @@ def _post(port: int, path: str, ca: Path) -> int:
 
 
 def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(federation, capsys) -> None:
-    """Acceptance 1, 2, 4, 5 in one federation (each start-up costs a minute here). For 4, client-3 is
-    SIGKILLed while it trains in round 2: the round completes with the two others (min_fit_clients = 2)
-    as soon as the SuperLink misses its heartbeats, and client-3, restarted at once, waits out its
-    stale session and is back for a later round."""
+    """Issue 3's acceptance 1, 2, 4, 5 and issue 4's secure aggregation in one federation (each start-up
+    costs a minute here). Every round runs SecAgg+ (setup, share keys, masked vectors, unmask) between
+    the separate processes, over TLS, with sealed payloads. Client-3 is SIGKILLed while it trains in
+    round 2: the round completes with the masked sum of the two others (min_fit_clients = 2) as soon as
+    the SuperLink misses its heartbeats, and client-3, restarted at once, waits out its stale session
+    and is back for a later round."""
     tmp, procs = federation
     (tmp / "fed.toml").write_text(
-        (tmp / "fed.toml").read_text().replace("rounds = 2", "rounds = 4").replace("round_timeout = 120.0", "")
-        + "round_timeout = 60.0\nmin_fit_clients = 2\n"
+        (tmp / "fed.toml").read_text().replace("rounds = 2", "rounds = 4")
+        + "min_fit_clients = 2\nsecure_aggregation = true\n"
     )
     port = free_port()
     database = tmp / "state.db"
@@ -131,10 +133,10 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     victim = {i: start_client(i, f"client-{i}") for i in (1, 2, 3)}[3]
     node_log = tmp / "home" / "supernodes" / "client-3" / "supernode.log"
 
-    def second_round_received() -> bool:
-        return node_log.exists() and node_log.read_text(errors="replace").count("Receiving: train message") >= 2
+    def second_round_training() -> bool:  # SecAgg+ sends 4 train messages a round; the 3rd is the training
+        return node_log.exists() and node_log.read_text(errors="replace").count("Receiving: train message") >= 7
 
-    _wait_for(second_round_received, 240, "client-3 to receive round 2's training message")
+    _wait_for(second_round_training, 300, "client-3 to receive round 2's training message")
     os.killpg(victim.pid, signal.SIGKILL)  # the client's machine dies: nothing gets to clean up
     victim.wait(timeout=10)
     _wait_for(lambda: not subprocess.run(["pgrep", "-f", "client-3"], capture_output=True).stdout, 15,
@@ -152,8 +154,11 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     rows = json.loads((run / "metrics.json").read_text())
     privacy = json.loads((run / "privacy.json").read_text())
     assert rows[0]["clients_ok"] == 3 and rows[1]["clients_ok"] == 2, rows
+    assert rows[0]["secure_aggregation"] == {"contributors": 3, "updates_scaled": 0, "values_clipped": 0}, rows
+    assert rows[1]["secure_aggregation"]["contributors"] == 2, rows  # the dead client's masks removed
     assert list(rows[1]["failed"]) == ["client-3"] and "heartbeat" in rows[1]["failed"]["client-3"], rows[1]
-    assert rows[1]["seconds"] < 60, rows[1]  # the missed heartbeats ended it, not round_timeout
+    # The missed heartbeats ended the dead client's stage, not round_timeout (120 s for that stage alone).
+    assert rows[1]["seconds"] < 110, rows[1]
     assert any(row["clients_ok"] == 3 for row in rows[2:]), rows  # client-3 rejoined
     assert "previous session" in procs.output("client-3-again")
     assert 0.3 <= rows[-1]["federated_accuracy"] <= 0.97
@@ -181,34 +186,3 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     for path in scanned:
         data = path.read_bytes()
         assert not any(n in data for n in needles), f"plaintext weights in {path}"
-
-
-def test_secure_aggregation_in_a_real_federation(federation) -> None:
-    """SecAgg+ between separate processes over TLS, with sealed payloads: the round completes with
-    all three updates in the masked sum, nothing clipped, and each client's ledger intact."""
-    tmp, procs = federation
-    (tmp / "fed.toml").write_text(
-        (tmp / "fed.toml").read_text().replace("rounds = 2", "rounds = 1") + "secure_aggregation = true\n"
-    )
-    port = free_port()
-    server = procs.start(
-        "server", "server", "--kit", str(tmp / "kits" / "server"), "--config", str(tmp / "fed.toml"),
-        "--min-clients", "3", "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp / "run"),
-        "--wait-timeout", "120",
-    )  # fmt: skip
-    _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
-    for i in (1, 2, 3):
-        procs.start(f"client-{i}", "client", "--kit", str(tmp / "kits" / f"client-{i}"), "--server",
-                    f"127.0.0.1:{port}", "--data", str(tmp / f"shard{i}.npz"))  # fmt: skip
-    try:
-        server.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("server did not finish:\n" + procs.output("server")) from None
-    assert server.returncode == 0, procs.output("server")
-    (row,) = json.loads((tmp / "run" / "metrics.json").read_text())
-    assert row["clients_ok"] == 3 and row["clients_failed"] == 0, row
-    assert row["secure_aggregation"] == {"contributors": 3, "updates_scaled": 0, "values_clipped": 0}, row
-    assert 0.2 <= row["federated_accuracy"] <= 0.97, row
-    privacy = json.loads((tmp / "run" / "privacy.json").read_text())["clients"]
-    assert sorted(privacy) == ["client-1", "client-2", "client-3"]
-    assert all(len(client["ledger"]) == 1 for client in privacy.values())

@@ -161,3 +161,73 @@ def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, f
             checkpoint.load(path.parent, key, run_id, config, make_strategy(config))
     finally:
         path.write_bytes(original)
+
+
+# ---- message records: what a decrypted payload turns back into ----
+
+
+@settings(max_examples=1000, deadline=None)
+@given(meta=_JSON, arrays=st.integers(0, 3))
+def test_malformed_message_records_are_refused_clearly(meta, arrays: int) -> None:
+    """A payload that decrypts (its sender holds a key) but whose records are nonsense."""
+    import io
+
+    import numpy as np
+
+    from fedtrain.security.payload import bytes_to_records
+
+    buffer = io.BytesIO()
+    np.savez(buffer, __meta__=np.array(json.dumps(meta)), **{f"a{i}": np.zeros(2) for i in range(arrays)})
+    with contextlib.suppress(FedtrainError):
+        bytes_to_records(buffer.getvalue())
+
+
+@settings(max_examples=1000, deadline=None)
+@given(position=st.integers(0, 10**6), flip=st.integers(1, 255))
+def test_modified_message_records_are_refused_clearly(position: int, flip: int) -> None:
+    from fedtrain.security.payload import bytes_to_records
+
+    blob = bytearray(_RECORDS)
+    blob[position % len(blob)] ^= flip
+    with contextlib.suppress(FedtrainError):
+        bytes_to_records(bytes(blob))
+
+
+def _records() -> bytes:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedtrain.security.payload import records_to_bytes
+
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))}),
+            "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5}),
+            "privacy": ConfigRecord({"client-id": "c", "steps": [1, 2], "blob": b"\x00\x01"}),
+        }
+    )
+    return records_to_bytes(content)
+
+
+_RECORDS = _records()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(position=st.integers(0, 10**6), flip=st.integers(1, 255))
+def test_modified_weights_archives_are_refused_clearly(position: int, flip: int) -> None:
+    """The plaintext of a model file, damaged (as by a bug, or by someone holding the key)."""
+    blob = bytearray(_WEIGHTS)
+    blob[position % len(blob)] ^= flip
+    with contextlib.suppress(FedtrainError):
+        bytes_to_state_dict(bytes(blob))
+
+
+def _weights() -> bytes:
+    import torch
+
+    from fedtrain.tensors import state_dict_to_bytes
+
+    return state_dict_to_bytes({"w": torch.ones(2, 3), "b": torch.zeros(3)}, {"round": 1})
+
+
+_WEIGHTS = _weights()

@@ -169,3 +169,20 @@ def test_cli_resume_refusals_are_one_sentence(interrupted, tmp_path, capsys) -> 
     assert code == 2 and "is not a fedtrain run directory" in err
     code, _, err = run_cli(["simulate", "--resume", run_dir, "--run-dir", str(tmp_path / "x")], capsys)
     assert code == 2 and "not both" in err
+
+
+def test_a_deployment_server_resumes_when_its_run_config_says_so(interrupted, tmp_path) -> None:
+    """`fedtrain server --resume` writes `fedtrain-resume = true` into the run's app config; the
+    deployed ServerApp (config from Flower's run config, as on a SuperLink) then continues the run."""
+    from flwr.app import Context, RecordDict
+
+    from fedtrain.server.app import build_server_app
+    from fedtrain.server.deployment import write_app
+
+    app_config = (write_app(tmp_path / "app", interrupted, resume=True) / "pyproject.toml").read_text()
+    assert "fedtrain-resume = true" in app_config
+    run_config = {**interrupted.to_run_config(), "fedtrain-resume": True}
+    grid = ControlledGrid()
+    build_server_app()(grid, Context(1, 0, {}, RecordDict(), run_config))
+    assert sorted(grid.sent) == [3, 4, 5]  # rounds 1 and 2 were done before the interruption
+    assert len(json.loads((Path(interrupted.run_dir) / "metrics.json").read_text())) == 5

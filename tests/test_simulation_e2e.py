@@ -188,29 +188,33 @@ def test_payload_encryption_puts_only_ciphertext_on_the_wire(tmp_path, capsys, m
     from fedtrain.security.payload import HEADER, SEALED
 
     wire: list[bytes] = []
-    calls = []
-    original = InMemoryGrid.send_and_receive
+    tampered: list[str] = []
+    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
 
-    def relay(self, messages, *args, **kwargs):
-        calls.append(1)
+    def relay_down(self, messages):  # every message the ServerApp hands the SuperLink
         messages = list(messages)
         for msg in messages:
             wire.append(_payload_bytes(msg.content))
             assert set(msg.content.array_records) == {SEALED} and set(msg.content.config_records) == {HEADER}
-        replies = list(original(self, messages, *args, **kwargs))
-        for number, reply in enumerate(replies):
+        return push(self, messages)
+
+    def relay_up(self, message_ids):  # every reply on its way back
+        replies = list(pull(self, message_ids))
+        for reply in replies:
             if reply.has_error():
                 continue
             assert set(reply.content.array_records) == {SEALED}
-            if len(calls) == 1 and number == 0:  # round 1's train replies: tamper with the first one
+            if not tampered and reply.metadata.message_type == "train":  # round 1: tamper with one reply
                 envelope = reply.content.array_records[SEALED]["envelope"]
-                tampered = envelope.numpy().copy()
-                tampered[-3] ^= 1
-                reply.content.array_records[SEALED]["envelope"] = type(envelope)(tampered)
+                changed = envelope.numpy().copy()
+                changed[-3] ^= 1
+                reply.content.array_records[SEALED]["envelope"] = type(envelope)(changed)
+                tampered.append(reply.metadata.reply_to_message_id)
             wire.append(_payload_bytes(reply.content))
         return replies
 
-    monkeypatch.setattr(InMemoryGrid, "send_and_receive", relay)
+    monkeypatch.setattr(InMemoryGrid, "push_messages", relay_down)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", relay_up)
     run_dir = tmp_path / "run"
     args = ["simulate", "--run-dir", str(run_dir), "--clients", "3", "--rounds", "3", "--payload-encryption"]
     code, out, err = run_cli(args, capsys)
