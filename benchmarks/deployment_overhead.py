@@ -9,7 +9,7 @@ Flower's FedAvg with an Opacus ClientApp as Flower's examples write it.
 
 Seconds per round = the server loop's time over R rounds / R (process start-up excluded on both
 sides). The two federations alternate, `--repeats` times each, and the medians are compared.
-Target: fedtrain / plain <= 1.10.
+Target: fedtrain / plain <= 1.05 (issue #6; issue #3 asked for 1.10).
 
     .venv/bin/python benchmarks/deployment_overhead.py [--rounds 5] [--repeats 2] [--json PATH]
 
@@ -37,7 +37,7 @@ from fedtrain.security.kits import provision
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = 3
-TARGET = 1.10
+TARGET = 1.05
 DP = {"lr": 1.0, "batch-size": 100, "local-epochs": 2, "noise-multiplier": 1.0, "max-grad-norm": 1.0}
 
 

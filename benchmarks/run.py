@@ -51,7 +51,7 @@ class Benchmark:
     loopback_only: bool = False  # it starts servers: run it in a network namespace with loopback only
 
 
-# One thread for DP-SGD as fedtrain's clients train (clients/app.py: handle_train); with two threads
+# One thread for DP-SGD as fedtrain's clients train (clients/handlers.py: handle_train); with two threads
 # on two cores shared with other work, torch's thread pool waits on itself and the ratio halves.
 DP_SETTINGS = "--model cnn --device cpu --modes fedtrain --steps 10 --repeats 5 --threads 1"
 
@@ -59,8 +59,8 @@ DP_SETTINGS = "--model cnn --device cpu --modes fedtrain --steps 10 --repeats 5 
 BENCHMARKS = (
     Benchmark("dp_throughput", DP_SETTINGS, 150),
     Benchmark("encryption_cost", "--rounds 3", 150),
-    Benchmark("aggregation", "--quick", 180),  # being written on another branch: run where present
-    Benchmark("simulation_scale", "--clients 10,100", 300, loopback_only=True),  # likewise
+    Benchmark("aggregation", "--quick", 180),
+    Benchmark("simulation_scale", "--clients 10,100", 300, loopback_only=True),
     Benchmark("deployment_overhead", "--rounds 3 --repeats 1", 600, loopback_only=True),
 )
 

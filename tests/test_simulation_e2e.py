@@ -4,6 +4,12 @@ accuracy bands, epsilon recomputed independently, refusals, and ciphertext-only 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +45,40 @@ def _export(run_dir: Path, capsys) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=True)
 
 
-def test_budget_refusal_ledger_and_ciphertext_only_on_disk(tmp_path, capsys) -> None:
+def _sigkill_after_first_checkpoint(args: list[str], run_dir: Path) -> None:
+    """Run `fedtrain simulate` in its own process group and SIGKILL all of it (Ray included) as soon
+    as a round's checkpoint is on disk: a crash, with nothing to clean up or finish writing."""
+    before = set(Path("/tmp").glob("ftray-*"))
+    child = subprocess.Popen([str(Path(sys.executable).with_name("fedtrain")), *args], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoint.ftenc").exists():
+            assert child.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        for ray_dir in set(Path("/tmp").glob("ftray-*")) - before:  # Ray's own daemons, if any outlived it
+            subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
+            shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_budget_refusal_ledger_and_ciphertext_only_on_disk_across_a_crash(tmp_path, capsys) -> None:
     """Fixed sigma 1.0 and max_epsilon 5.5: each client can afford a few rounds of the 4, then refuses;
-    the run still completes every round. The refusal is checked against an independent accountant."""
+    the run still completes every round. The refusal is checked against an independent accountant.
+    The simulation is SIGKILLed after its first checkpoint and resumed (`--resume`): its clients'
+    ledgers come back from their own files, so they refuse exactly when an unbroken run would."""
     run_dir = tmp_path / "run"
     budget = 5.5
     args = ["simulate", "--run-dir", str(run_dir), "--clients", "3", "--rounds", "4", "--model", "logistic"]
     args += ["--noise-multiplier", "1.0", "--max-epsilon", str(budget), "--batch-size", "64", "--lr", "1.0"]
     args += ["--accountant", "rdp"]
-    code, out, err = run_cli(args, capsys)
+    _sigkill_after_first_checkpoint(args, run_dir)
+    code, out, err = run_cli(["simulate", "--resume", str(run_dir)], capsys)
     assert code == 0, err + out
+    assert "resuming after round" in out
     rows, privacy = _load(run_dir)
 
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
