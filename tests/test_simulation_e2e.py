@@ -78,7 +78,7 @@ def test_budget_refusal_ledger_and_ciphertext_only_on_disk_across_a_crash(tmp_pa
     _sigkill_after_first_checkpoint(args, run_dir)
     code, out, err = run_cli(["simulate", "--resume", str(run_dir)], capsys)
     assert code == 0, err + out
-    assert "resuming after round" in out
+    assert "resuming after round" in " ".join(out.split())
     rows, privacy = _load(run_dir)
 
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
@@ -121,26 +121,40 @@ def test_budget_refusal_ledger_and_ciphertext_only_on_disk_across_a_crash(tmp_pa
     assert code == 2 and "failed authentication" in err and "Traceback" not in err
 
 
-def _band_run(tmp_path: Path, capsys, name: str, privacy: list[str]) -> float:
-    run_dir = tmp_path / name
-    args = ["simulate", "--run-dir", str(run_dir), "--rounds", "8", "--accountant", "rdp", *privacy]
-    code, out, err = run_cli(args, capsys)
-    assert code == 0, err + out
-    rows, _ = _load(run_dir)
+def _band_run(tmp_path: Path, name: str, **privacy) -> float:
+    """8 rounds of the demo's 5 digits clients, fedtrain's real ClientApp and server loop in this
+    process (what the band is about does not depend on Ray; the Ray runs are the other tests here)."""
+    from fedtrain.config import Config
+    from fedtrain.security.keys import generate_key, write_key_file
+    from fedtrain.server.loop import Federation
+    from fedtrain.simulation import prepare
+    from tests.inprocess import AppGrid
+
+    key = write_key_file(tmp_path / f"{name}.key", generate_key())
+    config, test_set = prepare(
+        Config(rounds=8, accountant="rdp", run_dir=str(tmp_path / name), key_file=str(key), **privacy).validate()
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # what Flower's runtime sets
+    try:
+        rows = Federation(config, test_set=test_set, on_round=lambda row: None).run(AppGrid(config))
+    finally:
+        TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
     assert len(rows) == 8 and all(r["clients_ok"] == 5 for r in rows)
     return rows[-1]["accuracy"]
 
 
-def test_accuracy_band_under_strong_privacy(tmp_path, capsys) -> None:
+def test_accuracy_band_under_strong_privacy(tmp_path) -> None:
     """Digits, 5 clients, 8 rounds at epsilon 0.5: measured 0.49-0.59 (chance is 0.10). The band
     fails both "no learning" and "noise silently off": the same run without noise reaches 0.87-0.89."""
-    accuracy = _band_run(tmp_path, capsys, "private", ["--target-epsilon", "0.5"])
+    accuracy = _band_run(tmp_path, "private", target_epsilon=0.5)
     assert 0.30 <= accuracy <= 0.75
 
 
-def test_the_band_has_teeth_without_noise(tmp_path, capsys) -> None:
+def test_the_band_has_teeth_without_noise(tmp_path) -> None:
     """Control for the band above: the same training with (almost) no noise lands above its top."""
-    accuracy = _band_run(tmp_path, capsys, "no-noise", ["--noise-multiplier", "0.001"])
+    accuracy = _band_run(tmp_path, "no-noise", target_epsilon=None, noise_multiplier=0.001)
     assert accuracy > 0.80
 
 

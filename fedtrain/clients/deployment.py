@@ -104,10 +104,7 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             pinned_superexec = [sys.executable, "-m", "fedtrain.clients.pinned_app", "--insecure",  # loopback API
                                 "--runtime-api-address", f"127.0.0.1:{runtime_port}",
                                 "--parent-pid", str(node.process.pid)]  # fmt: skip
-            # Flower's default asks the SuperNode for a task once a second; every message (four per round with
-            # secure aggregation) waits for that poll. A local loopback poll is cheap: ask five times as often.
-            executor_env = {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
-            executor = ManagedProcess("SuperExec", pinned_superexec, executor_env, state / "superexec.log")
+            executor = ManagedProcess("SuperExec", pinned_superexec, env, state / "superexec.log")
             try:
                 _supervise(node, executor, say, info["name"], options.server, stop_after, state / SESSION_FILE)
                 (state / SESSION_FILE).unlink(missing_ok=True)  # a clean stop deactivates the node
