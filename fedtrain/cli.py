@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import sys
 import time
 from pathlib import Path
@@ -12,9 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from fedtrain.errors import FedtrainError, find_fedtrain_error
+from fedtrain.run_report import earlier_rows, fmt, print_failures, print_summary, round_table
 
 app = typer.Typer(
     add_completion=False,
@@ -26,34 +25,6 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _round_table(rows: list[dict[str, Any]], total: int, client_level: bool = False) -> Table:
-    table = Table(title=f"fedtrain simulate: {len(rows)}/{total} rounds", title_justify="left")
-    columns = ("round", "acc", "loss", "train", "ok", "refused", "failed", "max eps", "sec")
-    for column in columns[:-1] + (("client eps",) if client_level else ()) + columns[-1:]:
-        table.add_column(column, justify="right")
-    for row in rows:
-        client_eps = (_fmt(row.get("client_epsilon"), 3),) if client_level else ()
-        table.add_row(
-            str(row["round"]),
-            _fmt(row["accuracy"]),
-            _fmt(row["loss"]),
-            _fmt(row["train_loss"]),
-            str(row["clients_ok"]),
-            str(row["clients_refused"]),
-            str(row["clients_failed"]),
-            _fmt(row["epsilon_max"], 3),
-            *client_eps,
-            _fmt(row["seconds"], 1),
-        )
-    return table
 
 
 def _new_run_dir(run_dir: str | None) -> Path:
@@ -141,22 +112,22 @@ def simulate(
     else:
         console.print(f"run directory: {path}")
 
-    rows: list[dict[str, Any]] = _earlier_rows(path) if resume is not None else []
+    rows: list[dict[str, Any]] = earlier_rows(path) if resume is not None else []
     client_level = resolved.central_dp != "off"
-    with Live(_round_table(rows, resolved.rounds, client_level), console=console, refresh_per_second=4) as live:
+    with Live(round_table(rows, resolved.rounds, client_level), console=console, refresh_per_second=4) as live:
 
         def on_round(row: dict[str, Any]) -> None:
             rows.append(row)
-            live.update(_round_table(rows, resolved.rounds, client_level))
+            live.update(round_table(rows, resolved.rounds, client_level))
 
         try:
             simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None)
         except FedtrainError:
             live.stop()
-            _print_failures(rows)  # what went wrong in which round, before the sentence that stops the run
+            print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
             raise
     console.print()
-    _print_summary(path, rows)
+    print_summary(console, path, rows)
 
 
 def _resumed_config(resume: Path, config: Path | None, run_dir: str | None) -> Path:
@@ -167,76 +138,6 @@ def _resumed_config(resume: Path, config: Path | None, run_dir: str | None) -> P
     if config is None and not own.is_file():
         raise FedtrainError(f"{resume} is not a fedtrain run directory (no config.toml); check the path.")
     return config or own
-
-
-def _earlier_rows(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    try:
-        rows = json.loads((path / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return rows if isinstance(rows, list) else []
-
-
-def failure_summary(rows: list[dict[str, Any]], names_shown: int = 5) -> list[str]:
-    """One line per round that lost clients: who failed or refused, grouped by reason."""
-    lines = []
-    for row in rows:
-        parts = []
-        for kind in ("failed", "refused"):
-            by_reason: dict[str, list[str]] = {}
-            for name, reason in (row.get(kind) or {}).items():
-                by_reason.setdefault(reason, []).append(name)
-            for reason, names in by_reason.items():
-                more = f" and {len(names) - names_shown} more" if len(names) > names_shown else ""
-                parts.append(f"{kind} {', '.join(names[:names_shown])}{more}: {reason}")
-        if parts:
-            lines.append(f"  round {row['round']}: " + "; ".join(parts))
-    return lines
-
-
-def _print_failures(rows: list[dict[str, Any]]) -> None:
-    lines = failure_summary(rows)
-    if lines:
-        console.print(f"clients missing from {len(lines)} of {len(rows)} rounds (metrics.json has every reason):")
-        for line in lines:
-            console.print(line, highlight=False, markup=False)
-
-
-def _print_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    import json
-
-    last = rows[-1]
-    privacy = json.loads((path / "privacy.json").read_text())
-    _print_failures(rows)
-    console.print(
-        f"final accuracy {_fmt(last['accuracy'])} after {last['round']} rounds; "
-        f"max client epsilon {_fmt(last['epsilon_max'], 3)}."
-    )
-    for cid, info in privacy["clients"].items():
-        steps = sum(e["steps"] for e in info["ledger"])
-        console.print(
-            f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
-            f"{len(info['ledger'])} rounds, {steps} DP-SGD steps"
-        )
-    secure = [row["secure_aggregation"] for row in rows if "secure_aggregation" in row]
-    if secure:
-        console.print(
-            f"  secure aggregation (SecAgg+): the server saw only sums; {sum(s['updates_scaled'] for s in secure)} "
-            f"updates scaled to the range, {sum(s['values_clipped'] for s in secure)} values clipped."
-        )
-    client_level = privacy.get("client_level")
-    if client_level:
-        console.print(
-            f"  client level ({client_level['mechanism']}): epsilon {_fmt(client_level['epsilon'], 3)} at delta "
-            f"{client_level['delta']:g} over {len(client_level['released_rounds'])} released rounds, noise "
-            f"multiplier {client_level['noise_multiplier']:g} (RDP, no sampling amplification)"
-        )
-    console.print(
-        f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
-    )
-    console.print(f"to decrypt it: fedtrain export {path} --out model.pt")
 
 
 @app.command()
@@ -391,8 +292,8 @@ def server(
     def on_round(row: dict[str, Any]) -> None:
         rows.append(row)
         console.print(
-            f"round {row['round']}/{resolved.rounds}: accuracy {_fmt(row['accuracy'])}, max epsilon "
-            f"{_fmt(row['epsilon_max'], 3)}, clients ok {row['clients_ok']}, refused {row['clients_refused']}, "
+            f"round {row['round']}/{resolved.rounds}: accuracy {fmt(row['accuracy'])}, max epsilon "
+            f"{fmt(row['epsilon_max'], 3)}, clients ok {row['clients_ok']}, refused {row['clients_refused']}, "
             f"failed {row['clients_failed']}"
             + (f", client-level epsilon {row['client_epsilon']:.3f}" if row.get("client_epsilon") is not None else ""),
             highlight=False,
@@ -401,10 +302,10 @@ def server(
     try:
         serve(options, path, lambda text: console.print(text, highlight=False), on_round)
     except FedtrainError:
-        _print_failures(rows)
+        print_failures(console, rows)
         raise
     if rows:
-        _print_summary(path, rows)
+        print_summary(console, path, rows)
 
 
 @app.command()

@@ -15,9 +15,9 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 import fedtrain.clients.handlers as client_app_module
-from fedtrain.cli import failure_summary
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
+from fedtrain.run_report import failure_summary
 from fedtrain.security.keys import generate_key, write_key_file
 from fedtrain.server.loop import Federation
 from fedtrain.simulation import prepare

@@ -1,0 +1,106 @@
+"""What `fedtrain` prints about a run: the live table of rounds, the summary at the end (privacy
+spent, where the model is), and which clients each round lost and why."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def round_table(rows: list[dict[str, Any]], total: int, client_level: bool = False) -> Table:
+    table = Table(title=f"fedtrain simulate: {len(rows)}/{total} rounds", title_justify="left")
+    columns = ("round", "acc", "loss", "train", "ok", "refused", "failed", "max eps", "sec")
+    for column in columns[:-1] + (("client eps",) if client_level else ()) + columns[-1:]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        client_eps = (fmt(row.get("client_epsilon"), 3),) if client_level else ()
+        table.add_row(
+            str(row["round"]),
+            fmt(row["accuracy"]),
+            fmt(row["loss"]),
+            fmt(row["train_loss"]),
+            str(row["clients_ok"]),
+            str(row["clients_refused"]),
+            str(row["clients_failed"]),
+            fmt(row["epsilon_max"], 3),
+            *client_eps,
+            fmt(row["seconds"], 1),
+        )
+    return table
+
+
+def earlier_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+def failure_summary(rows: list[dict[str, Any]], names_shown: int = 5) -> list[str]:
+    """One line per round that lost clients: who failed or refused, grouped by reason."""
+    lines = []
+    for row in rows:
+        parts = []
+        for kind in ("failed", "refused"):
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in (row.get(kind) or {}).items():
+                by_reason.setdefault(reason, []).append(name)
+            for reason, names in by_reason.items():
+                more = f" and {len(names) - names_shown} more" if len(names) > names_shown else ""
+                parts.append(f"{kind} {', '.join(names[:names_shown])}{more}: {reason}")
+        if parts:
+            lines.append(f"  round {row['round']}: " + "; ".join(parts))
+    return lines
+
+
+def print_failures(console: Console, rows: list[dict[str, Any]]) -> None:
+    lines = failure_summary(rows)
+    if lines:
+        console.print(f"clients missing from {len(lines)} of {len(rows)} rounds (metrics.json has every reason):")
+        for line in lines:
+            console.print(line, highlight=False, markup=False)
+
+
+def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> None:
+    last = rows[-1]
+    privacy = json.loads((path / "privacy.json").read_text())
+    print_failures(console, rows)
+    console.print(
+        f"final accuracy {fmt(last['accuracy'])} after {last['round']} rounds; "
+        f"max client epsilon {fmt(last['epsilon_max'], 3)}."
+    )
+    for cid, info in privacy["clients"].items():
+        steps = sum(e["steps"] for e in info["ledger"])
+        console.print(
+            f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
+            f"{len(info['ledger'])} rounds, {steps} DP-SGD steps"
+        )
+    secure = [row["secure_aggregation"] for row in rows if "secure_aggregation" in row]
+    if secure:
+        console.print(
+            f"  secure aggregation (SecAgg+): the server saw only sums; {sum(s['updates_scaled'] for s in secure)} "
+            f"updates scaled to the range, {sum(s['values_clipped'] for s in secure)} values clipped."
+        )
+    client_level = privacy.get("client_level")
+    if client_level:
+        console.print(
+            f"  client level ({client_level['mechanism']}): epsilon {fmt(client_level['epsilon'], 3)} at delta "
+            f"{client_level['delta']:g} over {len(client_level['released_rounds'])} released rounds, noise "
+            f"multiplier {client_level['noise_multiplier']:g} (RDP, no sampling amplification)"
+        )
+    console.print(
+        f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
+    )
+    console.print(f"to decrypt it: fedtrain export {path} --out model.pt")
