@@ -82,23 +82,26 @@ def faulty_grid(config: Config, faults: FaultyClients, monkeypatch) -> AppGrid:
     return Grid(config, fault=faults)
 
 
-def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeypatch) -> None:
+def digits_run(tmp_path, **options) -> tuple[Config, object]:
+    """A digits federation of real clients: fixed sigma, RDP, no federated evaluation, rounds that wait
+    1 s for clients that hang."""
     key = write_key_file(tmp_path / "model.key", generate_key())
-    config, test_set = prepare(
+    return prepare(
         Config(
-            clients=100,
-            rounds=6,
-            lr=2.0,
             noise_multiplier=1.0,
             target_epsilon=None,
             accountant="rdp",
             fraction_evaluate=0.0,
-            min_fit_clients=50,
-            round_timeout=1.0,  # how long the round waits for the clients that hang
+            round_timeout=1.0,
             run_dir=str(tmp_path / "run"),
             key_file=str(key),
+            **options,
         )  # fmt: skip
     )
+
+
+def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeypatch) -> None:
+    config, test_set = digits_run(tmp_path, clients=100, rounds=6, lr=2.0, min_fit_clients=50)
     faults = FaultyClients(config.clients, 0.3, SEED)
     rows = Federation(config, test_set=test_set, on_round=lambda row: None).run(
         faulty_grid(config, faults, monkeypatch)
@@ -125,21 +128,7 @@ def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeyp
 def test_too_few_answers_stop_the_run_with_the_reasons(tmp_path, monkeypatch, kind) -> None:
     """When fewer than min_fit_clients answer usefully, the run stops after that round with a
     sentence naming a client and its reason; the checkpoint of the last good model stays."""
-    key = write_key_file(tmp_path / "model.key", generate_key())
-    config, test_set = prepare(
-        Config(
-            clients=3,
-            rounds=3,
-            noise_multiplier=1.0,
-            target_epsilon=None,
-            accountant="rdp",
-            fraction_evaluate=0.0,
-            min_fit_clients=2,
-            round_timeout=1.0,
-            run_dir=str(tmp_path / "run"),
-            key_file=str(key),
-        )  # fmt: skip
-    )
+    config, test_set = digits_run(tmp_path, clients=3, rounds=3, min_fit_clients=2)
     faults = FaultyClients(3, 0.0, SEED)
     faults.plan = {1: {}, 2: {2: kind, 3: kind}}
     expected = f"round 2: 1 usable updates, fewer than min_fit_clients = 2 .*{REASONS[kind]}"

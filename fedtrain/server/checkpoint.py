@@ -136,9 +136,9 @@ def preflight(config: Config) -> int:
     and its key; returns its last complete round."""
     from fedtrain.strategies import make_strategy
 
-    run_dir = Path(str(config.run_dir))
-    run_id = resumable_run_id(run_dir, load_model_key(config.key_file))
-    return load(run_dir, load_model_key(config.key_file).key, run_id, config, make_strategy(config)).server_round
+    run_dir, model_key = Path(str(config.run_dir)), load_model_key(config.key_file)
+    run_id = resumable_run_id(run_dir, model_key)
+    return load(run_dir, model_key.key, run_id, config, make_strategy(config)).server_round
 
 
 def save(
