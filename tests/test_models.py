@@ -97,3 +97,26 @@ def test_same_seed_same_initial_model() -> None:
     a = build_model("mlp", [1, 8, 8], 10, seed=3).state_dict()
     b = build_model("mlp", [1, 8, 8], 10, seed=3).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dense_models_see_each_sample_as_its_mean_and_deviations() -> None:
+    """The re-parametrisation keeps the model class (any linear model on x is one on the new
+    features) and shrinks the input norm DP noise is multiplied by (digits: 15 -> 9 in E||x||^2)."""
+    from sklearn.datasets import load_digits
+
+    from fedtrain.models import MeanAndDeviations
+
+    x = torch.from_numpy(load_digits().data / 16.0).float()
+    features = MeanAndDeviations()(x)
+    assert features.shape == (len(x), 65)
+    assert torch.allclose(features[:, :64] + features[:, 64:], x, atol=1e-6)  # invertible
+    ratio = float((features**2).sum(1).mean() / (x**2).sum(1).mean())
+    assert 0.55 < ratio < 0.65
+
+    plain = nn.Linear(64, 10)
+    model = build_model("logistic", [1, 8, 8], 10)
+    linear = model[-1]
+    with torch.no_grad():  # w.x + b == [w, sum(w)] . [x - m, m] + b
+        linear.weight.copy_(torch.cat([plain.weight, plain.weight.sum(1, keepdim=True)], 1))
+        linear.bias.copy_(plain.bias)
+    assert torch.allclose(model(x.view(-1, 1, 8, 8)), plain(x), atol=1e-4)
