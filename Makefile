@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check fedtrain tests
-	scripts/loopback-only $(BIN)/python -m pytest
+	scripts/loopback-only $(BIN)/python -m pytest --durations=12
 
 # Every benchmark with small settings, one table of verdicts (benchmarks/run.py); under 15 minutes on 2 cores.
 bench: install

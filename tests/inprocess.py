@@ -86,3 +86,19 @@ class AppGrid(LocalGrid):
     def answer(self, msg: Message) -> Message | None:
         msg.content = over_the_wire(msg.content)  # each node gets its own copy
         return self.deliver(msg.metadata.dst_node_id, msg)
+
+
+def run_federation(config: Config) -> list[dict]:
+    """A whole simulated run in this process: fedtrain's server loop, evaluation on the global test
+    set, and an AppGrid of the config's digits clients. The rows it records, one per round."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtrain.server.loop import Federation
+    from fedtrain.simulation import prepare
+
+    config, test_set = prepare(config.validate())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # what Flower's runtime sets
+    try:
+        return Federation(config, test_set=test_set, on_round=lambda row: None).run(AppGrid(config))
+    finally:
+        TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None

@@ -126,45 +126,37 @@ def _band_run(tmp_path: Path, name: str, **privacy) -> float:
     process (what the band is about does not depend on Ray; the Ray runs are the other tests here)."""
     from fedtrain.config import Config
     from fedtrain.security.keys import generate_key, write_key_file
-    from fedtrain.server.loop import Federation
-    from fedtrain.simulation import prepare
-    from tests.inprocess import AppGrid
+    from tests.inprocess import run_federation
 
     key = write_key_file(tmp_path / f"{name}.key", generate_key())
-    config, test_set = prepare(
-        Config(rounds=8, accountant="rdp", run_dir=str(tmp_path / name), key_file=str(key), **privacy).validate()
-    )
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # what Flower's runtime sets
-    try:
-        rows = Federation(config, test_set=test_set, on_round=lambda row: None).run(AppGrid(config))
-    finally:
-        TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+    config = Config(rounds=8, accountant="rdp", run_dir=str(tmp_path / name), key_file=str(key), **privacy)
+    rows = run_federation(config)
     assert len(rows) == 8 and all(r["clients_ok"] == 5 for r in rows)
     return rows[-1]["accuracy"]
 
 
 def test_accuracy_band_under_strong_privacy(tmp_path) -> None:
-    """Digits, 5 clients, 8 rounds at epsilon 0.5: measured 0.49-0.59 (chance is 0.10). The band
-    fails both "no learning" and "noise silently off": the same run without noise reaches 0.87-0.89."""
+    """Digits, 5 clients, 8 rounds at epsilon 0.5: nine runs here gave 0.62-0.74 (chance is 0.10).
+    The band fails both "no learning" and "noise silently off": the same run without noise gave
+    0.89-0.91."""
     accuracy = _band_run(tmp_path, "private", target_epsilon=0.5)
-    assert 0.30 <= accuracy <= 0.75
+    assert 0.35 <= accuracy <= 0.80
 
 
 def test_the_band_has_teeth_without_noise(tmp_path) -> None:
     """Control for the band above: the same training with (almost) no noise lands above its top."""
     accuracy = _band_run(tmp_path, "no-noise", target_epsilon=None, noise_multiplier=0.001)
-    assert accuracy > 0.80
+    assert accuracy > 0.85
 
 
 def test_demo_defaults_reach_the_promised_accuracy_and_privacy(tmp_path) -> None:
     """`make demo` is `fedtrain simulate` with no options: digits, 5 clients, epsilon <= 3 at delta 1e-5.
     Its epsilon must match an independent Opacus accountant for the same ledger within 1%.
 
-    Accuracy varies with the DP noise from run to run: nine runs here gave 0.889-0.939 (eight of nine
-    >= 0.90; issue #2 asks for >= 0.90, see the issue note). Noise switched off is caught by the
-    accuracy-band test and its no-noise control above."""
+    Accuracy varies with the DP noise from run to run: 48 runs here averaged 0.927 (0.894-0.956, one
+    below the 0.90 issue #2 promises; benchmarks/demo_accuracy.py, docs/privacy.md). The bound below
+    accepts 160 of the 180 test digits (0.889), which noise alone misses a few times in a thousand.
+    Noise switched off is caught by the accuracy-band test and its no-noise control above."""
     from opacus.accountants import PRVAccountant
 
     result = run_cli_process(["simulate"], timeout=600, cwd=tmp_path)
@@ -172,7 +164,7 @@ def test_demo_defaults_reach_the_promised_accuracy_and_privacy(tmp_path) -> None
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows, privacy = _load(run_dir)
     assert len(rows) == 30 and rows[-1]["clients_ok"] == 5
-    assert rows[-1]["accuracy"] >= 0.87
+    assert rows[-1]["accuracy"] >= 0.885  # 160 of the 180 test digits
     assert len(privacy["clients"]) == 5
     for cid, client in privacy["clients"].items():
         assert client["accountant"] == "prv" and client["delta"] == 1e-5
