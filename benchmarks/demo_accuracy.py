@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,7 @@ PROMISED = 0.90  # issue #2: >= 90% test accuracy at epsilon <= 3
 def raw_pixel_logistic(input_shape: list[int], num_classes: int) -> nn.Module:
     """Plain logistic regression on the flattened pixels (fedtrain's `logistic` before it saw each
     sample as its mean and deviations)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
 def main() -> int:

@@ -8,17 +8,29 @@ what a crashed and restarted process has: only what the client keeps on disk sur
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedtrain.clients.app import build_client_app
 from fedtrain.config import Config
 
 # (node, message, reply) -> the reply the server gets, or None for no reply (the node hung or died)
 Fault = Callable[[int, Message, Message], Message | None]
+
+
+@contextlib.contextmanager
+def flower_task() -> Iterator[None]:
+    """Flower stamps messages with the current task; in a real app its runtime sets one."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
 
 
 def over_the_wire(content: RecordDict) -> RecordDict:
@@ -91,14 +103,9 @@ class AppGrid(LocalGrid):
 def run_federation(config: Config) -> list[dict]:
     """A whole simulated run in this process: fedtrain's server loop, evaluation on the global test
     set, and an AppGrid of the config's digits clients. The rows it records, one per round."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedtrain.server.loop import Federation
     from fedtrain.simulation import prepare
 
     config, test_set = prepare(config.validate())
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # what Flower's runtime sets
-    try:
+    with flower_task():
         return Federation(config, test_set=test_set, on_round=lambda row: None).run(AppGrid(config))
-    finally:
-        TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None

@@ -104,17 +104,14 @@ _JSON = st.recursive(
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
     """A real run interrupted after round 1: its directory, config and checkpoint bytes."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedtrain.server.loop import Federation
+    from tests.inprocess import flower_task
     from tests.test_resume import Killed, controlled, kill_after
     from tests.test_strategies import ControlledGrid
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     config = controlled(tmp_path_factory.mktemp("ckpt"), rounds=3)
-    with contextlib.suppress(Killed):
+    with flower_task(), contextlib.suppress(Killed):
         Federation(config, on_round=kill_after(1)).run(ControlledGrid())
-    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
     path = Path(config.run_dir) / "checkpoint.ftenc"
     return config, path, path.read_bytes()
 

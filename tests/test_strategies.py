@@ -17,14 +17,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.security.keys import generate_key, write_key_file
 from fedtrain.server.loop import Federation
 from fedtrain.strategies import STRATEGIES, make_strategy
-from tests.inprocess import LocalGrid
+from tests.inprocess import LocalGrid, flower_task
 
 NODES = 7
 ROUNDS = 3
@@ -33,10 +32,8 @@ EXAMPLES = {node: 10 * node for node in range(1, NODES + 1)}  # unequal weights,
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    """Flower stamps messages with the current task; in a real app the runtime sets it."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+    with flower_task():
+        yield
 
 
 def update(server_round: int, node: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtrain.config import Config
 from fedtrain.server.streaming_mean import StreamingMean
 from fedtrain.strategies import STRATEGIES, STREAMABLE, make_strategy
+from tests.inprocess import flower_task
 
 NODES = 7
 SHAPES = {"w": (10, 8), "b": (10,)}
@@ -20,9 +20,8 @@ SHAPES = {"w": (10, 8), "b": (10,)}
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+    with flower_task():
+        yield
 
 
 class Nodes:
