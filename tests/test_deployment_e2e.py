@@ -76,7 +76,7 @@ def federation(tmp_path: Path):
         np.savez(tmp_path / f"shard{i + 1}.npz", x=(digits.images[part] * 16).astype(np.uint8), y=digits.target[part])
     (tmp_path / "fed.toml").write_text(
         'rounds = 2\ninput_shape = [1, 8, 8]\nlabels = ["0","1","2","3","4","5","6","7","8","9"]\n'
-        "eval_fraction = 0.1\nround_timeout = 120.0\n"
+        "eval_fraction = 0.1\nround_timeout = 300.0\n"
     )
     env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
     procs = Processes(env, tmp_path)
@@ -96,6 +96,8 @@ def _post(port: int, path: str, ca: Path) -> int:
         return exc.code
 
 
+# Measured 209-269 s on a quiet machine; CI may share the machine: 3x headroom (the global default is 300 s).
+@pytest.mark.timeout(900)
 def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(federation, capsys) -> None:
     """Issue 3's acceptance 1, 2, 4, 5 and issue 4's secure aggregation in one federation (each start-up
     costs a minute here). Every round runs SecAgg+ (setup, share keys, masked vectors, unmask) between
@@ -116,7 +118,7 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
         "--min-clients", "3", "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp / "run"),
         "--database", str(database), "--wait-timeout", "120",
     )  # fmt: skip
-    _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
+    _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 180, "the server")
     assert server.poll() is None, procs.output("server")
 
     # An outsider on the public port: it speaks TLS, and nothing but the Fleet API is there.
@@ -137,14 +139,14 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     def second_round_training() -> bool:  # SecAgg+ sends 4 train messages a round; the 3rd is the training
         return node_log.exists() and node_log.read_text(errors="replace").count("Receiving: train message") >= 7
 
-    _wait_for(second_round_training, 300, "client-3 to receive round 2's training message")
+    _wait_for(second_round_training, 500, "client-3 to receive round 2's training message")
     os.killpg(victim.pid, signal.SIGKILL)  # the client's machine dies: nothing gets to clean up
     victim.wait(timeout=10)
     _wait_for(lambda: not subprocess.run(["pgrep", "-f", "client-3"], capture_output=True).stdout, 15,
               "client-3's SuperNode to die with it")  # fmt: skip
     start_client(3, "client-3-again")  # restarted at once, while the server still counts it as online
     try:
-        server.wait(timeout=400)
+        server.wait(timeout=550)
     except subprocess.TimeoutExpired:
         raise AssertionError("server did not finish:\n" + procs.output("server")) from None
     out = procs.output("server")
@@ -158,8 +160,9 @@ def test_three_clients_tls_auth_encrypted_payloads_and_a_locked_control_plane(fe
     assert rows[0]["secure_aggregation"] == {"contributors": 3, "updates_scaled": 0, "values_clipped": 0}, rows
     assert rows[1]["secure_aggregation"]["contributors"] == 2, rows  # the dead client's masks removed
     assert list(rows[1]["failed"]) == ["client-3"] and "heartbeat" in rows[1]["failed"]["client-3"], rows[1]
-    # The missed heartbeats ended the dead client's stage, not round_timeout (120 s for that stage alone).
-    assert rows[1]["seconds"] < 110, rows[1]
+    # The missed heartbeats (20 s) ended the dead client's stage, not round_timeout (300 s for that stage
+    # alone); the round measured 55-75 s on a quiet machine, and the bound leaves room for a busy one.
+    assert rows[1]["seconds"] < 250, rows[1]
     assert rows[2]["clients_ok"] == 3, rows  # client-3 rejoined
     assert "previous session" in procs.output("client-3-again")
     assert 0.3 <= rows[-1]["federated_accuracy"] <= 0.97
