@@ -6,7 +6,7 @@
 It does what `fedtrain simulate` does, with fedtrain's own pieces and nothing re-implemented:
 digits split into IID shards (fedtrain.partition), each client's held-out split as the ClientApp
 makes it, noise calibrated once for all rounds and a cumulative privacy ledger per client
-(fedtrain.clients.ledger), DP-SGD rounds by fedtrain.clients.trainer.train_round, and the
+(fedtrain.privacy.ledger), DP-SGD rounds by fedtrain.clients.trainer.train_round, and the
 server's FedAvg: w <- w + sum_i n_i d_i / sum_i n_i over the client updates d_i = w_i - w.
 Only the message passing is left out. It asserts the clients' parameters lived on --device.
 It needs torch, Opacus, numpy and scikit-learn, not Flower or Ray.
@@ -25,7 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing fedtrain
 
 
-from fedtrain.clients.ledger import PrivacyLedger, calibrate_noise, client_delta  # noqa: E402
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round  # noqa: E402
 from fedtrain.config import Config  # noqa: E402
 from fedtrain.data import load_source  # noqa: E402
@@ -33,6 +32,8 @@ from fedtrain.device import resolve_device  # noqa: E402
 from fedtrain.evaluation import evaluate  # noqa: E402
 from fedtrain.models import build_model  # noqa: E402
 from fedtrain.partition import holdout_split, simulation_shard, simulation_test_set  # noqa: E402
+from fedtrain.privacy.calibration import calibrate_noise, client_delta  # noqa: E402
+from fedtrain.privacy.ledger import PrivacyLedger  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         for client in clients:
             ledger = client["ledger"]
             plan = planned_round(len(client["train"]), settings, client["sigma"])
-            if ledger.epsilon(extra=plan) > config.effective_max_epsilon * (1 + 1e-9):
+            if ledger.epsilon(plan) > config.effective_max_epsilon * (1 + 1e-9):
                 epsilons[client["name"]] = f"{ledger.epsilon():.3f} (refused: budget)"
                 continue
             model = new_model()

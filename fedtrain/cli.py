@@ -87,12 +87,20 @@ def simulate(
         Path | None,
         typer.Option(help="Continue the run in this directory after its last complete round (its own config)."),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="private (Gaussian mechanism, on the ledger), none, or plain (outside the guarantee)."),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="A client privacy policy (TOML) every simulated client applies.")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume")}  # every option is a key
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume", "policy")}
     from fedtrain import simulation
     from fedtrain.config import resolve
+    from fedtrain.privacy.policy import ClientPolicy
     from fedtrain.security.keys import load_model_key
     from fedtrain.strategies import make_strategy
 
@@ -100,6 +108,7 @@ def simulate(
         config, overrides["run_dir"] = _resumed_config(resume, config, run_dir), str(resume)
     resolved = resolve(config, overrides)
     make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
+    client_policy = ClientPolicy.load(policy) if policy is not None else None
     path = resume if resume is not None else _new_run_dir(resolved.run_dir)
     model_key = load_model_key(resolved.key_file, create_local=resume is None)
     resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
@@ -121,7 +130,9 @@ def simulate(
             live.update(round_table(rows, resolved.rounds, client_level))
 
         try:
-            simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None)
+            simulation.run(
+                resolved, on_round=on_round, verbose=verbose, resume=resume is not None, policy=client_policy
+            )
         except FedtrainError:
             live.stop()
             print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
@@ -322,8 +333,14 @@ def client(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
     ] = False,
+    policy: Annotated[
+        Path | None, typer.Option(help="This client's privacy policy (TOML; default: the kit's policy.toml).")
+    ] = None,
 ) -> None:
-    """Join a federation: a SuperNode that trains on the shard at --data and never uploads it."""
+    """Join a federation: a SuperNode that trains on the shard at --data and never uploads it.
+
+    Every run the server proposes is checked against this client's own privacy policy, and every
+    release is composed into the lifetime ledger of its data (`fedtrain ledger`)."""
     from fedtrain.clients.deployment import ClientOptions, join
     from fedtrain.device import resolve_device
 
@@ -334,9 +351,53 @@ def client(
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise FedtrainError(f"--max-physical-batch-size must be at least 1, not {max_physical_batch_size}.")
     options = ClientOptions(
-        kit, server_address, data, device, max_wait, _passphrase(passphrase_env), insecure, max_physical_batch_size
+        kit,
+        server_address,
+        data,
+        device,
+        max_wait,
+        _passphrase(passphrase_env),
+        insecure,
+        max_physical_batch_size,
+        policy,
     )
     join(options, lambda text: console.print(text, highlight=False))
+
+
+@app.command()
+def ledger(
+    kit: Annotated[Path, typer.Option("--kit", help="This client's kit written by `fedtrain provision`.")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Show only this shard (found by its contents, any format).")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="The policy whose caps to show (default: the kit's policy.toml).")
+    ] = None,
+) -> None:
+    """Show this client's privacy history: every run over its data, and the lifetime epsilon they compose to."""
+    from fedtrain.clients.ledger_report import ledger_history
+    from fedtrain.privacy.policy import POLICY_FILE, ClientPolicy
+
+    name, shards = ledger_history(kit, data, policy)
+    rules = ClientPolicy.load(policy or kit / POLICY_FILE)
+    if not shards:
+        console.print(f"{name}: nothing spent yet (no run has used this client's data).")
+    for shard in shards:
+        console.print(
+            f"{name}: shard {shard.fingerprint[:16]} ({shard.records} records, first used {shard.first_used}): "
+            f"lifetime epsilon {shard.lifetime_epsilon:.3f} at delta {shard.delta:g} "
+            f"(cap {rules.max_lifetime_epsilon:g}, {rules.accountant.upper()})",
+            highlight=False,
+        )
+        if shard.overlaps:
+            others = ", ".join(other[:16] for other in shard.overlaps)
+            console.print(f"  shares records with shard(s) {others}: their runs count here too", highlight=False)
+        for run in shard.runs:
+            console.print(
+                f"  run {run.run} ({run.started}): epsilon {run.epsilon:.3f} at delta {run.delta:g} over "
+                f"{run.rounds} rounds and {run.releases} metric releases",
+                highlight=False,
+            )
 
 
 def _configured_key_file(run_dir: Path) -> str | None:

@@ -26,6 +26,7 @@ else:  # pragma: no cover - Python 3.10
 PARTITIONS = ("iid", "dirichlet")
 ACCOUNTANTS = ("prv", "rdp")
 CENTRAL_DP_MODES = ("off", "fixed", "adaptive")
+METRICS_MODES = ("none", "private", "plain")  # ordered: how much a client releases about its data
 
 
 @dataclass
@@ -91,6 +92,9 @@ class Config:
     delta: float | None = None
     max_epsilon: float | None = None
     accountant: str = "prv"
+    # metrics computed on private data: private (Gaussian mechanism, on the ledger), none, or plain (exact:
+    # outside the guarantee, said in words in privacy.json and the CLI); each client's policy has the last word
+    metrics: str = "private"
     # run
     seed: int = 0
     device: str = "auto"
@@ -122,6 +126,8 @@ class Config:
             raise FedtrainError(f"partition must be one of {', '.join(PARTITIONS)}, not {self.partition!r}.")
         if self.accountant not in ACCOUNTANTS:
             raise FedtrainError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, not {self.accountant!r}.")
+        if self.metrics not in METRICS_MODES:
+            raise FedtrainError(f"metrics must be one of {', '.join(METRICS_MODES)}, not {self.metrics!r}.")
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise FedtrainError(
                 "give either target_epsilon or noise_multiplier, not both: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,3 +25,24 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
         correct += (logits.argmax(dim=1) == y).sum().item()
     model.train()
     return loss_sum / len(dataset), correct / len(dataset)
+
+
+@torch.no_grad()
+def per_example(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's cross-entropy and whether the model gets it right (1.0 / 0.0): what a client's
+    private metric releases sum, after clipping (privacy/releases.py)."""
+    model.eval()
+    losses, correct = [], []
+    x_all, y_all = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
+    for start in range(0, len(dataset), batch_size):
+        x = x_all[start : start + batch_size].to(device)
+        y = y_all[start : start + batch_size].to(device)
+        logits = model(x)
+        losses.append(nn.functional.cross_entropy(logits, y, reduction="none").double().cpu().numpy())
+        correct.append((logits.argmax(dim=1) == y).double().cpu().numpy())
+    model.train()
+    if not losses:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(losses), np.concatenate(correct)

@@ -82,11 +82,16 @@ def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> N
         f"max client epsilon {fmt(last['epsilon_max'], 3)}."
     )
     for cid, info in privacy["clients"].items():
-        steps = sum(e["steps"] for e in info["ledger"])
+        training = [e for e in info["ledger"] if e.get("kind", "train") == "train"]
+        releases = len(info["ledger"]) - len(training)
+        lifetime = info.get("lifetime_epsilon")
         console.print(
             f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
-            f"{len(info['ledger'])} rounds, {steps} DP-SGD steps"
+            f"{len(training)} rounds, {sum(e['steps'] for e in training)} DP-SGD steps and {releases} metric releases"
+            + (f"; lifetime epsilon of its data {lifetime:.3f}" if lifetime is not None else "")
         )
+    if any(info.get("metrics") == "plain" for info in privacy["clients"].values()):
+        console.print(f"  [bold red]WARNING: {privacy['metrics']}.[/]", highlight=False)
     secure = [row["secure_aggregation"] for row in rows if "secure_aggregation" in row]
     if secure:
         console.print(

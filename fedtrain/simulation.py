@@ -26,6 +26,7 @@ from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.models import build_model
 from fedtrain.partition import simulation_shard, simulation_test_set
+from fedtrain.privacy.policy import ClientPolicy
 from fedtrain.security.keys import generate_key, load_model_key
 from fedtrain.security.payload import PayloadKeys
 from fedtrain.server.app import build_server_app
@@ -104,10 +105,16 @@ def _quiet_flower(verbose: bool) -> Iterator[None]:
 
 
 def run(
-    config: Config, *, on_round: RoundCallback | None = None, verbose: bool = False, resume: bool = False
+    config: Config,
+    *,
+    on_round: RoundCallback | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    policy: ClientPolicy | None = None,
 ) -> list[dict[str, Any]]:
     """Prepare, then run the whole federated training (or, with `resume`, its remaining rounds);
-    returns the metrics history (one row per round, the resumed ones included)."""
+    returns the metrics history (one row per round, the resumed ones included). Every simulated
+    client applies `policy`, or by default a policy admitting the run's own settings."""
     from flwr.simulation import run_simulation
 
     config, test_set = prepare(config)
@@ -120,8 +127,11 @@ def run(
 
     payload_keys, keys_for = _simulation_keys(config) if config.payload_encryption else (None, None)
     server_app = build_server_app(config, test_set=test_set, on_round=record, payload_keys=payload_keys, resume=resume)
-    # Simulated clients keep their ledgers on disk under the run's model key, so a resume continues them.
-    client_app = build_client_app(config, keys_for=keys_for, ledger_key=load_model_key(config.key_file).key)
+    # Simulated clients keep their ledgers sealed under the run's model key in the run directory, so a
+    # resume continues them.
+    client_app = build_client_app(
+        config, keys_for=keys_for, ledger_key=load_model_key(config.key_file).key, policy=policy
+    )
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning

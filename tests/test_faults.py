@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -26,8 +27,9 @@ from tests.test_strategies import task_identity  # noqa: F401 (fixture)
 
 SEED = int(os.environ.get("FEDTRAIN_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 KINDS = ("exception", "hang", "nan", "shape")
+EXCEPTION = "the GPU fell off the bus"  # the client's own text: it stays in the client's log
 REASONS = {
-    "exception": "the GPU fell off the bus",
+    "exception": "client error (internal error)",
     "hang": "no reply within round_timeout",
     "nan": "NaN or infinite values",
     "shape": "has shape",
@@ -69,7 +71,7 @@ def faulty_grid(config: Config, faults: FaultyClients, monkeypatch) -> AppGrid:
 
     def train_round(*args, **kwargs):  # the exception is raised inside training, as a real one would be
         if faults.current == "exception":
-            raise RuntimeError(REASONS["exception"])
+            raise RuntimeError(EXCEPTION)
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(client_app_module, "train_round", train_round)
@@ -120,6 +122,8 @@ def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeyp
     assert len(summary) == config.rounds
     for line, row in zip(summary, rows, strict=True):
         assert all(REASONS[kind] in line for kind in faults.plan[row["round"]].values()), line
+    run_files = " ".join(p.read_text(errors="replace") for p in (tmp_path / "run").glob("*.json"))
+    assert "client error (internal error)" in run_files and EXCEPTION not in run_files  # the text stayed home
     accuracy = [round(row["accuracy"], 3) for row in rows]
     assert accuracy[-1] >= 0.7, f"seed {SEED}: {accuracy}"  # measured 0.83 and 0.84 (seeds 2, 3)
 
@@ -131,7 +135,7 @@ def test_too_few_answers_stop_the_run_with_the_reasons(tmp_path, monkeypatch, ki
     config, test_set = digits_run(tmp_path, clients=3, rounds=3, min_fit_clients=2)
     faults = FaultyClients(3, 0.0, SEED)
     faults.plan = {1: {}, 2: {2: kind, 3: kind}}
-    expected = f"round 2: 1 usable updates, fewer than min_fit_clients = 2 .*{REASONS[kind]}"
+    expected = f"round 2: 1 usable updates, fewer than min_fit_clients = 2 .*{re.escape(REASONS[kind])}"
     with pytest.raises(FedtrainError, match=expected):
         Federation(config, test_set=test_set, on_round=lambda row: None).run(faulty_grid(config, faults, monkeypatch))
     assert (tmp_path / "run" / "checkpoint.ftenc").exists()

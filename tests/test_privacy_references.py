@@ -15,7 +15,8 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from fedtrain.clients.ledger import LedgerEntry, PrivacyLedger, calibrate_noise, client_delta
+from fedtrain.privacy.calibration import calibrate_noise, client_delta
+from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
@@ -81,14 +82,14 @@ def test_ledger_grows_monotonically_and_never_forgets() -> None:
         now = ledger.epsilon()
         assert now > previous
         previous = now
-    restored = PrivacyLedger.from_config_record(ledger.to_config_record())
+    restored = PrivacyLedger.from_dict(ledger.to_dict())
     assert restored.epsilon() == pytest.approx(previous)
 
 
 def test_planned_round_projection_matches_recording() -> None:
     ledger = PrivacyLedger(delta=1e-5, entries=[LedgerEntry(1.2, 0.1, 20)])
     planned = LedgerEntry(1.2, 0.1, 20)
-    projected = ledger.epsilon(extra=planned)
+    projected = ledger.epsilon(planned)
     ledger.record(planned)
     assert ledger.epsilon() == pytest.approx(projected)
 

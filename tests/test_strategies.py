@@ -264,9 +264,9 @@ class InProcessFederation(LocalGrid):
 @pytest.fixture
 def no_accounting(monkeypatch):
     """Accounting is tested in test_privacy_references.py; here it would be 90% of the run time."""
-    from fedtrain.clients.ledger import PrivacyLedger
+    from fedtrain.privacy.ledger import PrivacyLedger
 
-    monkeypatch.setattr(PrivacyLedger, "epsilon", lambda self, extra=None: 0.0)
+    monkeypatch.setattr(PrivacyLedger, "epsilon", lambda self, *extra: 0.0)
 
 
 def _poisoned_run(tmp_path, strategy: str, **options) -> list[dict]:

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode
-from fedtrain.clients.ledger import PrivacyLedger
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.data import Dataset
 from fedtrain.models import build_model
+from fedtrain.privacy.ledger import PrivacyLedger
 
 
 def _round(proximal_mu: float) -> tuple[dict, dict]:

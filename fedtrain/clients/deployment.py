@@ -43,6 +43,23 @@ class ClientOptions:
     passphrase: bytes | None = None
     insecure: bool = False
     max_physical_batch_size: int | None = None  # this node's GPU memory, whatever the run's batch size
+    policy: Path | None = None  # this client's privacy policy (default: the kit's policy.toml)
+
+
+def check_privacy(kit: Path, name: str, policy: Path | None) -> Path:
+    """This client's policy file, read and checked, and its lifetime ledger opened and compared with
+    its anchor: a bad policy or a lost or rolled-back ledger stops the client before it connects.
+
+    Returns:
+        The policy file every ClientApp of this node reads.
+    """
+    from fedtrain.clients.setup import kit_store
+    from fedtrain.privacy.policy import POLICY_FILE, ClientPolicy
+
+    path = (policy or kit / POLICY_FILE).resolve()
+    ClientPolicy.load(path)
+    kit_store(kit, name).check()
+    return path
 
 
 def _check_server(address: str) -> None:
@@ -71,11 +88,12 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
     data = options.data.resolve()
     shard = load_shard(data, Config(), infer_labels=True)  # fail fast, before connecting
     say(f"{info['name']}: {len(shard)} samples of shape {shard.input_shape} in {data}")
+    policy = check_privacy(kit, info["name"], options.policy)
     state = fedtrain_home() / "supernodes" / info["name"]
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(prefix="fedtrain-node-") as private:
         key = unlocked_key(kit / "node.key", options.passphrase, Path(private), openssh=True)
-        node_config = f"data-path='{data}' kit='{kit}' client-name='{info['name']}'"
+        node_config = f"data-path='{data}' kit='{kit}' client-name='{info['name']}' policy='{policy}'"
         if options.device:
             node_config += f" device='{options.device}'"
         if options.max_physical_batch_size:

@@ -9,8 +9,9 @@ expects a legacy reply (`fitres.*` records); `legacy_update` turns fedtrain's re
   and silently clips anything outside; with ||d||_2 <= R no coordinate can fall outside. Scaling
   an update down is post-processing of DP-SGD's output: it costs no privacy. Both the scaling and
   any coordinate still outside the range are counted in the reply's metrics, never silent.
-- weight 1 (uniform mean), or weight 0 and a zero update when the client refuses the round: it
-  still takes part in masking, so the protocol goes on, and the server's mean leaves it out.
+- weight 1 (uniform mean), or weight 0 and a zero update when the client refuses the round (or its
+  handler failed): it still takes part in masking, so the protocol goes on, and the server's mean
+  leaves it out.
 
 fedtrain's own records (metrics, privacy ledger) stay in the reply beside the masked vector.
 """
@@ -23,10 +24,11 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from fedtrain import protocol
 from fedtrain.errors import FedtrainError
 
-SCALED = "secagg-scaled"  # 1 when this client's update was scaled down to the range
-CLIPPED = "secagg-clipped-values"  # coordinates outside [-R, R] that quantisation would clip
+SCALED = protocol.SECAGG_SCALED  # 1 when this client's update was scaled down to the range
+CLIPPED = protocol.SECAGG_CLIPPED  # coordinates outside [-R, R] that quantisation would clip
 LEGACY_PARAMETERS, LEGACY_EXAMPLES = "fitres.parameters", "fitres.num_examples"
 
 
@@ -50,18 +52,18 @@ def legacy_update(reply: Message, sent: Message, bound: float) -> Message:
     if reply.has_error():
         return reply
     content = reply.content
-    names = list(sent.content["arrays"].keys())
-    refused = "privacy" in content.config_records and "refused" in content.config_records["privacy"]
-    if refused:
-        update = {k: np.zeros_like(sent.content["arrays"][k].numpy()) for k in names}
+    global_arrays = protocol.global_arrays(sent)
+    names = list(global_arrays.keys())
+    if protocol.ARRAYS not in content.array_records:  # a refusal or a failure: no update
+        update = {k: np.zeros_like(global_arrays[k].numpy()) for k in names}
         weight = 0
     else:
-        arrays = content["arrays"]
+        arrays = content[protocol.ARRAYS]
         update, scaled = bound_update({k: arrays[k].numpy() for k in names}, bound)
         outside = values_outside(update, bound)  # 0 unless float rounding or a skipped bound
         weight = 1
-        content["metrics"][SCALED] = int(scaled)
-        content["metrics"][CLIPPED] = outside
+        content[protocol.METRICS][SCALED] = int(scaled)
+        content[protocol.METRICS][CLIPPED] = outside
     content[LEGACY_PARAMETERS] = ArrayRecord({str(i): Array(update[k]) for i, k in enumerate(names)})
     content[LEGACY_EXAMPLES] = MetricRecord({"num_examples": weight})
     content["fitres.metrics"] = ConfigRecord()

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode, set_empty_grad_samples
-from fedtrain.clients.ledger import LedgerEntry, PrivacyLedger
 from fedtrain.data import Dataset
+from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 
 log = logging.getLogger("fedtrain")
 

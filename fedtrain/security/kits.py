@@ -3,7 +3,10 @@
     KITS/ca/             ca.crt, ca.key            (keep offline: signs server certificates)
     KITS/server/         kit.json, ca.crt, server.crt, server.key, model.key, federation.key,
                          clients/<name>.pub (SuperNode auth keys to register), clients/<name>.uplink.key
-    KITS/<client name>/  kit.json, ca.crt, node.key, node.pub, federation.key, uplink.key
+    KITS/<client name>/  kit.json, ca.crt, node.key, node.pub, federation.key, uplink.key,
+                         policy.toml (the client's privacy policy: defaults, to edit),
+                         ledger.key (seals its lifetime privacy ledger: only the client has it),
+                         ledger.anchor (the ledger's last update counter, 0: detects a lost ledger)
 
 Payload keys: `federation.key` seals what the server sends down (every client may read the global
 model); each client's `uplink.key` seals its updates, so no client can read or forge another's.
@@ -92,11 +95,23 @@ def _build(root: Path, hosts: list[str], names: list[str], passphrase: bytes | N
         _write(client, "node.pub", pki.public_openssh(node_key) + b"\n", PUBLIC)
         _write(client, "federation.key", federation_key, SECRET)
         _write(client, "uplink.key", uplink_key, SECRET)
+        _privacy_files(client, name)
         _write(server / "clients", f"{name}.pub", pki.public_openssh(node_key) + b"\n", PUBLIC)
         _write(server / "clients", f"{name}.uplink.key", uplink_key, SECRET)
         _kit_info(client, {"role": "client", "name": name, "server_hosts": hosts, "created": created}, passphrase)
     server_info = {"role": "server", "name": "server", "server_hosts": hosts, "clients": names, "created": created}
     _kit_info(server, server_info, passphrase)
+
+
+def _privacy_files(client: Path, name: str) -> None:
+    """The client's own privacy policy (defaults, editable) and its lifetime ledger's key and anchor."""
+    from fedtrain.privacy.lifetime import ANCHOR_FILE, write_anchor
+    from fedtrain.privacy.policy import POLICY_FILE, ClientPolicy
+
+    ledger_key = generate_key()
+    _write(client, "ledger.key", encode_key(ledger_key) + "\n", SECRET)
+    write_anchor(client / ANCHOR_FILE, ledger_key, name, 0)
+    _write(client, POLICY_FILE, ClientPolicy().to_toml(), SECRET)
 
 
 def _kit_info(folder: Path, info: dict, passphrase: bytes | None) -> None:

@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
 
-from fedtrain.clients.ledger import PrivacyLedger
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
+from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.security.keys import ModelKey, load_model_key
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, load_model, read_run_info, save_model
 from fedtrain.server.screening import ClientPrivacy
 
-FORMAT = 1
+FORMAT = 2  # 2: ledgers with metric releases, lifetime epsilon
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")  # Flower's FedOpt family and FedAvgM
 # Where a run is kept and how it reaches its key or devices may change between runs of the same federation.
 MAY_CHANGE = ("run_dir", "key_file", "kit", "device")
@@ -95,15 +94,28 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 def _privacy_json(privacy: dict[str, ClientPrivacy]) -> dict[str, Any]:
     return {
-        cid: {"epsilon": p.epsilon, "ledger": dict(p.ledger.to_config_record().items())} for cid, p in privacy.items()
+        cid: {
+            "epsilon": p.epsilon,
+            "lifetime_epsilon": p.lifetime_epsilon,
+            "metrics": p.metrics,
+            "ledger": p.ledger.to_dict(),
+        }
+        for cid, p in privacy.items()
     }
 
 
 def _privacy_from_json(data: dict[str, Any]) -> dict[str, ClientPrivacy]:
     out = {}
     for cid, item in data.items():
-        ledger = PrivacyLedger.from_config_record(ConfigRecord(item["ledger"]))
-        out[cid] = ClientPrivacy(ledger.delta, ledger, float(item["epsilon"]))
+        ledger = PrivacyLedger.from_dict(item["ledger"])
+        lifetime = item.get("lifetime_epsilon")
+        out[cid] = ClientPrivacy(
+            ledger.delta,
+            ledger,
+            float(item["epsilon"]),
+            None if lifetime is None else float(lifetime),
+            str(item.get("metrics", "private")),
+        )
     return out
 
 

@@ -19,8 +19,11 @@ CSV_COLUMNS = (
     "accuracy",
     "loss",
     "federated_accuracy",
+    "federated_accuracy_std",
     "federated_loss",
+    "federated_loss_std",
     "train_loss",
+    "train_loss_std",
     "clients_ok",
     "clients_refused",
     "clients_failed",
@@ -54,30 +57,47 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / METRICS_CSV, buffer.getvalue())
 
 
-def write_privacy_report(
-    run_dir: Path, clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None
-) -> None:
-    """privacy.json: per client its accountant, delta, full ledger and reported epsilon, to recompute;
-    with client-level DP on, also its mechanism and the rounds it released."""
-    report = {
-        "note": "epsilon is cumulative over every ledger entry (one per round the client trained); "
-        "recompute it with any accountant from noise_multiplier, sample_rate and steps.",
+PLAIN_METRICS_WARNING = (
+    "metrics are plain for {names}: their exact train loss and held-out loss/accuracy left those clients "
+    "outside the differential-privacy guarantee (each client's policy allowed it)"
+)
+
+
+def privacy_report(clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What privacy.json holds: per client its accountant, delta, full ledger (every DP-SGD round and
+    every metric release), its run epsilon and, where it shares it, its lifetime epsilon."""
+    plain = sorted(cid for cid, info in clients.items() if info.metrics == "plain")
+    report: dict[str, Any] = {
+        "note": "epsilon is cumulative over every ledger entry of this run: DP-SGD rounds (kind train) and "
+        "metric releases (kind metrics, the Gaussian mechanism: sample_rate 1, one step); recompute it with "
+        "any accountant from noise_multiplier, sample_rate and steps. lifetime_epsilon composes every run "
+        "over the client's data, as the client reports it.",
+        "metrics": PLAIN_METRICS_WARNING.format(names=", ".join(plain))
+        if plain
+        else "private or none for every client: every metric computed on private data is on the ledger",
         "clients": {
             cid: {
                 "accountant": info.ledger.accountant,
                 "delta": info.delta,
                 "epsilon": info.epsilon,
-                "ledger": [
-                    {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps}
-                    for e in info.ledger.entries
-                ],
+                "lifetime_epsilon": info.lifetime_epsilon,
+                "metrics": info.metrics,
+                "ledger": [e.to_dict() for e in info.ledger.entries],
             }
             for cid, info in sorted(clients.items())
         },
     }
     if client_level is not None:
         report["client_level"] = client_level
-    atomic_write_text(run_dir / PRIVACY_JSON, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def write_privacy_report(
+    run_dir: Path, clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None
+) -> None:
+    """privacy.json (see `privacy_report`), atomically."""
+    report = privacy_report(clients, client_level)
+    atomic_write_text(run_dir / PRIVACY_JSON, json.dumps(_json_safe(report), indent=2) + "\n")
 
 
 def write_plot(run_dir: Path, rows: list[dict[str, Any]]) -> None:

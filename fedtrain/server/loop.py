@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import fedtrain
-from fedtrain.clients.secure_aggregation import CLIPPED, SCALED
+from fedtrain import protocol
 from fedtrain.config import Config
 from fedtrain.data import Dataset
 from fedtrain.errors import FedtrainError
@@ -39,11 +39,18 @@ from fedtrain.server import checkpoint, history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.payload_sealer import PayloadSealer
 from fedtrain.server.reply_stream import stream_replies
-from fedtrain.server.screening import ClientPrivacy, Screened, screen, screen_masked, screen_reply
+from fedtrain.server.screening import (
+    ClientPrivacy,
+    ReleasedMean,
+    Screened,
+    read,
+    screen,
+    screen_masked,
+    screen_reply,
+)
 from fedtrain.server.secure_aggregation import SecureAggregator
 from fedtrain.server.streaming_mean import StreamingMean
 from fedtrain.strategies import central_dp, make_strategy
-from fedtrain.strategies.central_dp import UNIT_WEIGHT
 from fedtrain.strategies.registry import STREAMABLE
 
 log = logging.getLogger("fedtrain")
@@ -59,8 +66,9 @@ def _mean_reply(global_np: dict[str, np.ndarray], mean: dict[str, np.ndarray], w
     """One reply holding w_t + the mean update: what a mean-based strategy aggregates to itself,
     or takes its server step (FedAdam, FedAvgM...) on."""
     arrays = ArrayRecord({k: Array(np.asarray(g + mean[k], dtype=g.dtype)) for k, g in global_np.items()})
-    metrics = MetricRecord({"num-examples": weight, "train-loss": loss, UNIT_WEIGHT: 1})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0, message_type="train")
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: weight, protocol.TRAIN_LOSS: loss, protocol.UNIT_WEIGHT: 1})
+    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), dst_node_id=0,
+                   message_type="train")  # fmt: skip
 
 
 class Federation:
@@ -162,10 +170,9 @@ class Federation:
             self._note_missing(messages, [*(self._node_of(r) for r in replies), *unopened], screened.failed)
             usable = len(screened.accepted)
         self.privacy.update(screened.privacy)
-        train_loss = float("nan")
         enough = usable >= self.config.min_fit_clients
         if enough:
-            arrays, metrics = strategy.aggregate_train(server_round, screened.accepted)
+            arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
             if arrays is not None:
                 state = OrderedDict(
                     (k, torch.from_numpy(np.asarray(a.numpy(), dtype=global_np[k].dtype))) for k, a in arrays.items()
@@ -179,20 +186,22 @@ class Federation:
                     len(screened.accepted),
                     len(messages),
                 )
-            train_loss = _mean_metric(metrics, "train-loss")
         for name, reason in {**screened.failed, **screened.refused}.items():
             log.warning("round %d: %s: %s", server_round, name, reason)
 
-        fed_loss, fed_acc = self._federated_evaluation(grid, strategy, server_round, state)
+        federated = self._federated_evaluation(grid, strategy, server_round, state)
         test_loss, test_acc = self._central_evaluation(state)
         central = self.test_set is not None
         row = {
             "round": server_round,
-            "accuracy": test_acc if central else fed_acc,
-            "loss": test_loss if central else fed_loss,
-            "federated_accuracy": fed_acc,
-            "federated_loss": fed_loss,
-            "train_loss": train_loss,
+            "accuracy": test_acc if central else federated["accuracy"],
+            "loss": test_loss if central else federated["loss"],
+            "federated_accuracy": federated["accuracy"],
+            "federated_accuracy_std": federated["accuracy_std"],
+            "federated_loss": federated["loss"],
+            "federated_loss_std": federated["loss_std"],
+            "train_loss": screened.train_loss.mean,
+            "train_loss_std": screened.train_loss.std,
             "clients_ok": usable,
             "clients_refused": len(screened.refused),
             "clients_failed": len(screened.failed),
@@ -207,7 +216,10 @@ class Federation:
         if secure is not None:
             row["secure_aggregation"] = secure
         self.rows.append(row)
-        stops = bool(screened.failed) and not enough and not screened.refused  # refusals (spent budgets) are policy
+        # Refusals of a spent budget are policy working as meant: the run goes on with who is left. Failures,
+        # and clients refusing the run itself, stop it when too few usable updates remain.
+        lost = bool(screened.failed or screened.refused_by_policy)
+        stops = lost and not enough and not (set(screened.refused) - screened.refused_by_policy)
         history.write_metrics(self.run_dir, self.rows)
         history.write_privacy_report(
             self.run_dir, self.privacy, central_dp.report(strategy, self.config, self.released)
@@ -219,11 +231,13 @@ class Federation:
                         self.rows, self.privacy, self.released)  # fmt: skip
         self.on_round(row)
         if stops:
-            name, reason = next(iter(screened.failed.items()))
+            lost_clients = {**screened.failed, **{n: screened.refused[n] for n in screened.refused_by_policy}}
+            name, reason = next(iter(lost_clients.items()))
             raise FedtrainError(
                 f"round {server_round}: {usable} usable updates, fewer than min_fit_clients = "
-                f"{self.config.min_fit_clients} ({len(screened.failed)} failed, e.g. {name}: {reason}); the run "
-                f"stops, its last good model is in {self.run_dir / CHECKPOINT_FILE}."
+                f"{self.config.min_fit_clients} ({len(screened.failed)} failed, {len(screened.refused_by_policy)} "
+                f"refused the run, e.g. {name}: {reason}); the run stops, its last good model is in "
+                f"{self.run_dir / CHECKPOINT_FILE}."
             )
         return state
 
@@ -247,7 +261,7 @@ class Federation:
     def _configure_train(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> list[Message]:
         try:
             # fedtrain's run id: clients key their stored ledgers by it, and it survives a resume
-            sent = ConfigRecord({"fedtrain-run": self.run_id})
+            sent = ConfigRecord({protocol.RUN_ID: self.run_id})
             return list(strategy.configure_train(server_round, ArrayRecord(state), sent, grid))
         except PrivacyBudgetExhausted:
             spent = central_dp.spent_epsilon(strategy)
@@ -278,11 +292,12 @@ class Federation:
         outcome = self.secure.run(exchange, messages, server_round, self._node_of)
         screened = screen_masked(outcome.collected, self.node_names, self._node_of)
         screened.failed.update({self._name(node): why for node, why in outcome.failed.items()})
-        metrics = [next(iter(r.content.metric_records.values())) for r in screened.accepted if r.content.metric_records]
+        metrics = [r.content.metric_records[protocol.METRICS] for r in screened.accepted
+                   if protocol.METRICS in r.content.metric_records]  # fmt: skip
         summary = {
             "contributors": outcome.contributors,
-            "updates_scaled": sum(int(m.get(SCALED, 0)) for m in metrics),
-            "values_clipped": sum(int(m.get(CLIPPED, 0)) for m in metrics),
+            "updates_scaled": sum(int(m.get(protocol.SECAGG_SCALED, 0)) for m in metrics),
+            "values_clipped": sum(int(m.get(protocol.SECAGG_CLIPPED, 0)) for m in metrics),
         }
         if summary["values_clipped"]:
             log.warning(
@@ -294,10 +309,8 @@ class Federation:
             )
         screened.accepted = []
         if outcome.mean is not None:
-            losses = [float(m["train-loss"]) for m in metrics if "train-loss" in m]
             mean = dict(zip(global_np, outcome.mean, strict=True))
-            loss = float(np.mean(losses)) if losses else float("nan")
-            screened.accepted = [_mean_reply(global_np, mean, outcome.contributors, loss)]
+            screened.accepted = [_mean_reply(global_np, mean, outcome.contributors, screened.train_loss.mean)]
         return screened, summary
 
     def _streamed_exchange(
@@ -309,7 +322,7 @@ class Federation:
             messages = self.sealer.seal(messages, server_round)
         replies = stream_replies(grid, messages, timeout=self.config.round_timeout)
         self._recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        screened, mean, loss_sum, answered = Screened(), StreamingMean(global_np), 0.0, []
+        screened, mean, answered = Screened(), StreamingMean(global_np), []
         for reply in replies:
             answered.append(self._node_of(reply))
             if self.sealer is not None:
@@ -320,16 +333,12 @@ class Federation:
             update = screen_reply(reply, global_np, self.node_names, self._node_of, self.config.max_update_norm,
                                   screened)  # fmt: skip
             if update is not None:
-                metrics = next(iter(reply.content.metric_records.values()))
-                examples = float(metrics["num-examples"])
-                mean.add(update, examples)
-                loss_sum += examples * float(metrics.get("train-loss", float("nan")))
+                mean.add(update, float(reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]))
             if not reply.has_error():
                 reply.content = RecordDict()  # nothing of the update stays while later replies arrive
         self._note_missing(messages, answered, screened.failed)
         if mean.count:
-            loss = loss_sum / mean.total_weight
-            screened.accepted = [_mean_reply(global_np, mean.result(), mean.total_weight, loss)]
+            screened.accepted = [_mean_reply(global_np, mean.result(), mean.total_weight, screened.train_loss.mean)]
         return screened, mean.count
 
     def _name(self, node: int) -> str:
@@ -346,16 +355,37 @@ class Federation:
             if node not in answered:
                 failed[self.node_names.get(node, f"node-{node}")] = "no reply within round_timeout"
 
-    def _federated_evaluation(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict):
-        messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), grid))
+    def _federated_evaluation(self, grid: Grid, strategy: Any, server_round: int, state: OrderedDict) -> dict:
+        """Loss and accuracy on the clients' held-out splits, as they released them (private metrics
+        come with their noise's standard deviation); every client's ledger is updated, since each
+        release is on it."""
+        nan = float("nan")
+        out = {"loss": nan, "loss_std": nan, "accuracy": nan, "accuracy_std": nan}
+        sent = ConfigRecord({protocol.RUN_ID: self.run_id})  # every release is on the ledger of this run
+        messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), sent, grid))
         if not messages:
-            return float("nan"), float("nan")
-        replies = [r for r in self._exchange(grid, messages, server_round)[0] if not r.has_error()]
-        replies = [r for r in replies if float(next(iter(r.content.metric_records.values()))["num-examples"]) > 0]
-        if not replies:
-            return float("nan"), float("nan")
-        metrics = strategy.aggregate_evaluate(server_round, replies)
-        return _mean_metric(metrics, "eval-loss"), _mean_metric(metrics, "eval-accuracy")
+            return out
+        screened, usable = Screened(), []
+        loss, accuracy = ReleasedMean(), ReleasedMean()
+        for reply in self._exchange(grid, messages, server_round)[0]:
+            parsed = read(reply, self._node_of(reply), self.node_names, screened)
+            if parsed is None or protocol.EVAL_ACCURACY not in parsed.metrics:
+                continue
+            metrics = parsed.metrics
+            if not float(metrics.get(protocol.NUM_EXAMPLES, 0)) > 0:
+                continue
+            loss.add(metrics, protocol.EVAL_LOSS)
+            accuracy.add(metrics, protocol.EVAL_ACCURACY)
+            keys = (protocol.NUM_EXAMPLES, protocol.EVAL_LOSS, protocol.EVAL_ACCURACY)
+            reply.content = RecordDict({protocol.METRICS: MetricRecord({k: metrics[k] for k in keys})})
+            usable.append(reply)
+        self.privacy.update(screened.privacy)
+        if usable:
+            metrics = strategy.aggregate_evaluate(server_round, usable)  # Flower's own (weighted) mean
+            out["loss"] = _mean_metric(metrics, protocol.EVAL_LOSS)
+            out["accuracy"] = _mean_metric(metrics, protocol.EVAL_ACCURACY)
+            out["loss_std"], out["accuracy_std"] = loss.std, accuracy.std
+        return out
 
     def _central_evaluation(self, state: OrderedDict) -> tuple[float, float]:
         if self.test_set is None:

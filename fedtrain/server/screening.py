@@ -2,28 +2,60 @@
 
 An update is accepted only if it has exactly the global model's tensors, shapes and dtypes, every
 value is finite and (when max_update_norm is set) its L2 norm is within the bound; anything else is
-a failure with a reason, and never reaches the model.
+a failure with a reason, and never reaches the model. A client's refusal (its policy, or its budget)
+is kept with its reason; a client's error reply carries only a category.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from fedtrain.clients.ledger import PrivacyLedger
-from fedtrain.strategies.central_dp import UNIT_WEIGHT
+from fedtrain import protocol
+from fedtrain.privacy.ledger import PrivacyLedger
 
 
 @dataclass
 class ClientPrivacy:
-    """What a client last told the server about its privacy spending."""
+    """What a client last told the server about its privacy spending in this run."""
 
     delta: float
     ledger: PrivacyLedger
     epsilon: float
+    lifetime_epsilon: float | None = None
+    metrics: str = "private"
+
+    @classmethod
+    def of(cls, report: protocol.PrivacyReport) -> ClientPrivacy:
+        return cls(report.ledger.delta, report.ledger, report.epsilon, report.lifetime_epsilon, report.metrics)
+
+
+class ReleasedMean:
+    """The example-weighted mean of clients' released metrics, and the standard deviation of its noise
+    (each client's noise is independent: sqrt(sum (n_i sd_i)^2) / sum n_i)."""
+
+    def __init__(self) -> None:
+        self.weight, self.total, self.variance = 0.0, 0.0, 0.0
+
+    def add(self, metrics: Any, key: str) -> None:
+        if key not in metrics:
+            return
+        count = float(metrics[protocol.NUM_EXAMPLES])
+        self.weight += count
+        self.total += count * float(metrics[key])
+        self.variance += (count * float(metrics.get(key + protocol.STD, 0.0))) ** 2
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight if self.weight else float("nan")
+
+    @property
+    def std(self) -> float:
+        return self.variance**0.5 / self.weight if self.weight else float("nan")
 
 
 @dataclass
@@ -32,18 +64,20 @@ class Screened:
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
+    refused_by_policy: set[str] = field(default_factory=set)  # refusals of the run itself, not of a spent budget
+    train_loss: ReleasedMean = field(default_factory=lambda: ReleasedMean())
 
 
-def _name(msg: Message, node: int, known: dict[int, str]) -> str:
-    """The client's own name (from its privacy record), remembered per node for its error replies."""
-    content = None if msg.has_error() else msg.content
-    if content is not None and "privacy" in content.config_records:
-        known[node] = str(content.config_records["privacy"].get("client-id", f"node-{node}"))
+def _name(client: str, node: int, known: dict[int, str]) -> str:
+    """The client's own name (from its reply), remembered per node for its later error replies."""
+    if client:
+        known[node] = client
     return known.get(node, f"node-{node}")
 
 
 def error_reason(msg: Message) -> str:
-    """One line from a Flower error reply: the exception's own message, without wrapping."""
+    """One line from a Flower error reply (the SuperLink's own, e.g. a node that stopped sending
+    heartbeats): its message, without wrapping."""
     lines = [line.strip() for line in (msg.error.reason or "").splitlines() if line.strip()]
     last = lines[-1] if lines else "client error"
     if "Message: " in last:
@@ -75,25 +109,29 @@ def _check_update(
     return None, decoded
 
 
-def _read_privacy(msg: Message, name: str, out: Screened) -> bool:
-    """Record the reply's ledger; True when the reply is settled here (an error, a refusal, or an
-    unreadable ledger) and carries no update to look at."""
+def read(msg: Message, node: int, known: dict[int, str], out: Screened) -> protocol.Reply | None:
+    """Parse one reply into `out` (its privacy record, a refusal or a failure); the parsed reply when
+    it still needs looking at (an update or metrics), else None."""
     if msg.has_error():
-        out.failed[name] = error_reason(msg)
-        return True
-    privacy = msg.content.config_records.get("privacy")
-    if privacy is None:
-        return False
+        out.failed[_name("", node, known)] = error_reason(msg)
+        return None
     try:
-        ledger = PrivacyLedger.from_config_record(privacy)
-        out.privacy[name] = ClientPrivacy(ledger.delta, ledger, float(privacy["epsilon"]))
-    except Exception as exc:  # a malformed ledger is that client's failure, not the run's
-        out.failed[name] = f"unreadable privacy ledger ({exc})"
-        return True
-    if "refused" in privacy:
-        out.refused[name] = str(privacy["refused"])
-        return True
-    return False
+        reply = protocol.read_reply(msg)
+    except Exception as exc:  # a malformed reply is that client's failure, not the run's
+        out.failed[_name("", node, known)] = f"unreadable reply ({type(exc).__name__}: {exc})"
+        return None
+    name = _name(reply.client, node, known)
+    if reply.privacy is not None:
+        out.privacy[name] = ClientPrivacy.of(reply.privacy)
+    if reply.kind == "error":
+        out.failed[name] = f"client error ({reply.reason})"
+        return None
+    if reply.kind == "refused":
+        out.refused[name] = reply.reason
+        if reply.refusal_kind == protocol.POLICY:
+            out.refused_by_policy.add(name)
+        return None
+    return reply
 
 
 def screen_reply(
@@ -106,22 +144,24 @@ def screen_reply(
 ) -> dict[str, np.ndarray] | None:
     """Sort one reply into `out` (its ledger, a refusal or a failure); the update d, decoded, when
     it is accepted (the caller decides what becomes of it)."""
-    name = _name(msg, node_of(msg), known)
-    if _read_privacy(msg, name, out):
+    reply = read(msg, node_of(msg), known, out)
+    if reply is None:
         return None
+    name = _name(reply.client, node_of(msg), known)
     content = msg.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+    if reply.kind != "update" or len(content.array_records) != 1 or len(content.metric_records) != 1:
         out.failed[name] = "reply does not hold exactly one update and one set of metrics"
         return None
-    metrics = next(iter(content.metric_records.values()))
-    problem, update = _check_update(next(iter(content.array_records.values())), global_arrays, max_update_norm)
-    examples = metrics.get("num-examples")
+    metrics = content.metric_records[protocol.METRICS]
+    problem, update = _check_update(content.array_records[protocol.ARRAYS], global_arrays, max_update_norm)
+    examples = metrics.get(protocol.NUM_EXAMPLES)
     if problem is None and (not isinstance(examples, (int, float)) or not examples > 0):
         problem = "it reports no training examples"
     if problem:
         out.failed[name] = f"rejected update: {problem}"
         return None
-    metrics[UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
+    metrics[protocol.UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
+    out.train_loss.add(metrics, protocol.TRAIN_LOSS)
     return update
 
 
@@ -141,9 +181,9 @@ def screen(
         update = screen_reply(msg, global_arrays, known, node_of, max_update_norm, out)
         if update is None:
             continue
-        metrics = next(iter(msg.content.metric_records.values()))
+        metrics = msg.content.metric_records[protocol.METRICS]
         weights = ArrayRecord({k: Array(global_arrays[k] + update[k]) for k in global_arrays})
-        msg.content = RecordDict({"arrays": weights, "metrics": metrics})  # what Flower strategies expect
+        msg.content = RecordDict({protocol.ARRAYS: weights, protocol.METRICS: metrics})  # what Flower strategies expect
         out.accepted.append(msg)
     return out
 
@@ -153,6 +193,9 @@ def screen_masked(replies: list[Message], known: dict[int, str], node_of: Callab
     metrics, never its update. `accepted` holds the replies whose update is in the masked sum."""
     out = Screened()
     for msg in replies:
-        if not _read_privacy(msg, _name(msg, node_of(msg), known), out):
+        if read(msg, node_of(msg), known, out) is not None:
             out.accepted.append(msg)
+            metrics = msg.content.metric_records.get(protocol.METRICS)
+            if metrics is not None:
+                out.train_loss.add(metrics, protocol.TRAIN_LOSS)
     return out

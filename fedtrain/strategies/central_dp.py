@@ -35,10 +35,11 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
+from fedtrain import protocol
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 
-UNIT_WEIGHT = "unit-weight"  # every accepted update carries weight 1 under it: a uniform mean
+UNIT_WEIGHT = protocol.UNIT_WEIGHT  # every accepted update carries weight 1 under it: a uniform mean
 MEAN_STRATEGIES = ("fedavg", "fedprox")  # the ones whose aggregate is the mean the noise is set for
 
 

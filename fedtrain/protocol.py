@@ -1,0 +1,222 @@
+"""The one place the server and the clients meet: record names, and the build and parse of every
+message fedtrain's apps exchange (besides Flower's own: SecAgg+ stages, its legacy records).
+
+Server -> client (train and evaluate): "arrays" (global weights) and "config" (fedtrain's run id,
+FedProx's mu). Client -> server, one of:
+- an update: "arrays" (d = w_local - w_global), "metrics" (count, released metrics), "privacy";
+- evaluation metrics: "metrics" (count, released metrics), "privacy";
+- a refusal: "privacy" with the reason (policy or budget) in words built from public numbers only;
+- an error: "status" holding a category, never the exception's text (it stays in the client's log).
+
+`REPLY_FIELDS` says what covers every field a client sends; docs/privacy.md has the same table and
+tests/test_reply_fields.py checks every reply of a default client against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
+
+# ---------------------------------------------------------------- record names
+ARRAYS, METRICS, PRIVACY, CONFIG, STATUS = "arrays", "metrics", "privacy", "config", "status"
+
+# server -> client, in CONFIG
+RUN_ID, PROXIMAL_MU = "fedtrain-run", "proximal-mu"
+
+# client -> server, in METRICS
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS, EVAL_LOSS, EVAL_ACCURACY = "train-loss", "eval-loss", "eval-accuracy"
+STD = "-std"  # suffix: the noise's standard deviation on a released metric
+SECAGG_SCALED, SECAGG_CLIPPED = "secagg-scaled", "secagg-clipped-values"
+UNIT_WEIGHT = "unit-weight"  # set by the server's screening (never by a client): uniform means
+
+# client -> server, in PRIVACY
+CLIENT_ID, EPSILON, LIFETIME_EPSILON, METRICS_MODE = "client-id", "epsilon", "lifetime-epsilon", "metrics"
+REFUSED, REFUSAL_KIND = "refused", "refusal-kind"
+ACCOUNTANT, DELTA, KIND, SIGMA, RATE, STEPS = "accountant", "delta", "kind", "noise-multiplier", "sample-rate", "steps"
+LEDGER_COLUMNS = (KIND, SIGMA, RATE, STEPS)
+
+# client -> server, in STATUS
+ERROR = "error"
+
+POLICY, BUDGET = "policy", "budget"  # refusal kinds: the run breaks the client's policy / its budget is spent
+ERROR_CATEGORIES = (
+    "data error",
+    "model mismatch",
+    "ledger error",
+    "policy error",
+    "decryption error",
+    "protocol error",
+    "internal error",
+)
+
+# What covers each field a client sends. "dp-sgd": the update's noise (a "train" ledger entry);
+# "gaussian": a metric release (a "metrics" ledger entry); "public": a count or a function of public
+# parameters and the client's own policy; "outside": exact values, only under metrics = "plain".
+REPLY_FIELDS: dict[tuple[str, str], str] = {
+    (ARRAYS, "*"): "dp-sgd",
+    (METRICS, NUM_EXAMPLES): "public",
+    (METRICS, TRAIN_LOSS): "gaussian",
+    (METRICS, TRAIN_LOSS + STD): "public",
+    (METRICS, EVAL_LOSS): "gaussian",
+    (METRICS, EVAL_LOSS + STD): "public",
+    (METRICS, EVAL_ACCURACY): "gaussian",
+    (METRICS, EVAL_ACCURACY + STD): "public",
+    (METRICS, SECAGG_SCALED): "dp-sgd",
+    (METRICS, SECAGG_CLIPPED): "dp-sgd",
+    **{
+        (PRIVACY, name): "public"
+        for name in (
+            CLIENT_ID,
+            EPSILON,
+            LIFETIME_EPSILON,
+            METRICS_MODE,
+            REFUSED,
+            REFUSAL_KIND,
+            ACCOUNTANT,
+            DELTA,
+            *LEDGER_COLUMNS,
+        )
+    },
+    (STATUS, ERROR): "public",
+    (STATUS, CLIENT_ID): "public",
+}
+
+
+# ---------------------------------------------------------------- the privacy record
+
+
+@dataclass
+class PrivacyReport:
+    """What a client tells the server about its spending in this run."""
+
+    client: str
+    ledger: PrivacyLedger
+    epsilon: float
+    lifetime_epsilon: float | None = None
+    metrics: str = "private"
+
+
+def privacy_record(report: PrivacyReport) -> ConfigRecord:
+    entries = report.ledger.entries
+    record = ConfigRecord(
+        {
+            CLIENT_ID: report.client,
+            ACCOUNTANT: report.ledger.accountant,
+            DELTA: report.ledger.delta,
+            KIND: [e.kind for e in entries],
+            SIGMA: [e.noise_multiplier for e in entries],
+            RATE: [e.sample_rate for e in entries],
+            STEPS: [e.steps for e in entries],
+            EPSILON: report.epsilon,
+            METRICS_MODE: report.metrics,
+        }
+    )
+    if report.lifetime_epsilon is not None:
+        record[LIFETIME_EPSILON] = report.lifetime_epsilon
+    return record
+
+
+def read_privacy(record: ConfigRecord) -> PrivacyReport:
+    """Parse a privacy record; raises ValueError when it is malformed."""
+    columns = [list(record.get(name, [])) for name in LEDGER_COLUMNS]
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError("ledger columns of different lengths")
+    entries = [
+        LedgerEntry.from_dict({"kind": k, "noise_multiplier": s, "sample_rate": q, "steps": n})
+        for k, s, q, n in zip(*columns, strict=True)
+    ]
+    ledger = PrivacyLedger.from_dict({"accountant": record.get(ACCOUNTANT, "prv"), "delta": record[DELTA]})
+    ledger.entries = entries
+    eps = float(record[EPSILON])
+    lifetime = record.get(LIFETIME_EPSILON)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"epsilon {eps} is not a finite, non-negative number")
+    return PrivacyReport(
+        str(record.get(CLIENT_ID, "")),
+        ledger,
+        eps,
+        None if lifetime is None else float(lifetime),
+        str(record.get(METRICS_MODE, "private")),
+    )
+
+
+# ---------------------------------------------------------------- client replies
+
+
+def update_reply(msg: Message, update: ArrayRecord, metrics: dict[str, float], report: PrivacyReport) -> Message:
+    """A train reply: the update d, the public count and released metrics, the privacy record."""
+    content = RecordDict({ARRAYS: update, METRICS: MetricRecord(metrics), PRIVACY: privacy_record(report)})
+    return Message(content, reply_to=msg)
+
+
+def metrics_reply(msg: Message, metrics: dict[str, float], report: PrivacyReport | None) -> Message:
+    """An evaluate reply: the public count and the released metrics (and the ledger that paid for them)."""
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if report is not None:
+        content[PRIVACY] = privacy_record(report)
+    return Message(content, reply_to=msg)
+
+
+def refusal_reply(msg: Message, reason: str, kind: str, report: PrivacyReport | None, client: str) -> Message:
+    """The client refuses this message: its reason (public numbers and its own policy only)."""
+    record = privacy_record(report) if report is not None else ConfigRecord({CLIENT_ID: client})
+    record[REFUSED], record[REFUSAL_KIND] = reason, kind
+    return Message(RecordDict({PRIVACY: record}), reply_to=msg)
+
+
+def error_reply(msg: Message, category: str, client: str) -> Message:
+    """A failure, as a category only: nothing of the exception (paths, values) leaves the client."""
+    if category not in ERROR_CATEGORIES:
+        category = "internal error"
+    return Message(RecordDict({STATUS: ConfigRecord({ERROR: category, CLIENT_ID: client})}), reply_to=msg)
+
+
+@dataclass
+class Reply:
+    """A client's reply as the server reads it."""
+
+    kind: str  # "update" | "metrics" | "refused" | "error"
+    client: str = ""
+    privacy: PrivacyReport | None = None
+    reason: str = ""  # the refusal's reason or the error's category
+    refusal_kind: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def read_reply(msg: Message) -> Reply:
+    """Parse a client's reply (not a Flower error reply); raises ValueError when it is malformed."""
+    content = msg.content
+    if STATUS in content.config_records:
+        status = content.config_records[STATUS]
+        return Reply("error", str(status.get(CLIENT_ID, "")), reason=str(status.get(ERROR, "internal error")))
+    privacy = content.config_records.get(PRIVACY)
+    if privacy is not None and REFUSED in privacy:
+        report = read_privacy(privacy) if DELTA in privacy else None
+        return Reply(
+            "refused",
+            str(privacy.get(CLIENT_ID, "")),
+            report,
+            str(privacy[REFUSED]),
+            str(privacy.get(REFUSAL_KIND, BUDGET)),
+        )
+    report = read_privacy(privacy) if privacy is not None else None
+    metrics = content.metric_records.get(METRICS)
+    values = dict(metrics) if metrics is not None else {}
+    kind = "update" if content.array_records else "metrics"
+    return Reply(kind, report.client if report else "", report, metrics=values)
+
+
+def global_arrays(msg: Message) -> ArrayRecord:
+    """The global weights a server message carries."""
+    return msg.content[ARRAYS]
+
+
+def sent_config(msg: Message) -> ConfigRecord:
+    """fedtrain's settings for this message (run id, FedProx's mu); empty when none were sent."""
+    return msg.content.config_records.get(CONFIG, ConfigRecord())
