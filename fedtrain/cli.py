@@ -101,6 +101,7 @@ def simulate(
     resolved = resolve(config, overrides)
     make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
     path = resume if resume is not None else _new_run_dir(resolved.run_dir)
+    prepared = simulation.prepare(resolved)  # data, model, device: checked before a key or anything is created
     model_key = load_model_key(resolved.key_file, create_local=resume is None)
     resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
     console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
@@ -121,7 +122,7 @@ def simulate(
             live.update(round_table(rows, resolved.rounds, client_level))
 
         try:
-            simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None)
+            simulation.run(resolved, on_round=on_round, verbose=verbose, resume=resume is not None, prepared=prepared)
         except FedtrainError:
             live.stop()
             print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
@@ -201,11 +202,19 @@ def provision(
     passphrase_env: Annotated[
         str | None, typer.Option(help="Environment variable holding a passphrase for the private keys.")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="The federation's TOML config: its input_shape and classes go into every kit."),
+    ] = None,
 ) -> None:
     """Write a kit per party: CA, server TLS certificate, client authentication keys, payload keys."""
     import os
 
+    from fedtrain.config import resolve
+    from fedtrain.security.kit_data import declared_data
     from fedtrain.security.kits import provision as make_kits
+
+    data = declared_data(resolve(config, {}), str(config)) if config is not None else None
 
     passphrase = None
     if passphrase_env:
@@ -215,7 +224,7 @@ def provision(
                 f"environment variable {passphrase_env} is empty or unset; export the passphrase first."
             )
         passphrase = value.encode()
-    kits = make_kits(out, server_host, clients, passphrase)
+    kits = make_kits(out, server_host, clients, passphrase, data)
     console.print(f"wrote {len(kits)} kits under {out}: " + ", ".join(k.name for k in kits))
     console.print(f"give each party only its own folder; keep {out / 'ca'} offline (it signs server certificates).")
 
@@ -286,6 +295,7 @@ def server(
         insecure=insecure,
         passphrase=_passphrase(passphrase_env),
         resume=resume is not None,
+        secret_env=(passphrase_env,) if passphrase_env else (),
     )
     rows: list[dict[str, Any]] = []
 
@@ -334,7 +344,15 @@ def client(
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise FedtrainError(f"--max-physical-batch-size must be at least 1, not {max_physical_batch_size}.")
     options = ClientOptions(
-        kit, server_address, data, device, max_wait, _passphrase(passphrase_env), insecure, max_physical_batch_size
+        kit,
+        server_address,
+        data,
+        device,
+        max_wait,
+        _passphrase(passphrase_env),
+        insecure,
+        max_physical_batch_size,
+        secret_env=(passphrase_env,) if passphrase_env else (),
     )
     join(options, lambda text: console.print(text, highlight=False))
 
