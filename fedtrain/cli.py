@@ -156,16 +156,40 @@ def export(
     from fedtrain.fileio import atomic_write_bytes
     from fedtrain.security.keys import load_model_key
     from fedtrain.server.model_files import MODEL_FILE, load_model, read_run_info
+    from fedtrain.server.verification import require_intact_reports
 
     if out.exists() and not force:
         raise FedtrainError(f"{out} already exists; choose another --out or pass --force.")
     info = read_run_info(run_dir)
     model_key = load_model_key(key_file or _configured_key_file(run_dir))
     state, meta = load_model(run_dir / MODEL_FILE, model_key.key, info["run_id"], "model")
+    require_intact_reports(run_dir, model_key)  # edited metrics or privacy report: no export
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
+    key_file: Annotated[
+        str | None, typer.Option(help="Model key file (default: the run's own, $FEDTRAIN_MODEL_KEY or store).")
+    ] = None,
+) -> None:
+    """Check that every file of a run is as fedtrain wrote it (metrics, privacy report, plot, model)."""
+    from fedtrain.security.keys import load_model_key
+    from fedtrain.server.verification import verify_run
+
+    states = verify_run(run_dir, load_model_key(key_file or _configured_key_file(run_dir)))
+    for name, state in states.items():
+        console.print(f"  {name}: {state}", highlight=False)
+    bad = [f"{name} ({state})" for name, state in states.items() if state != "ok"]
+    if bad:
+        raise FedtrainError(
+            f"{len(bad)} of {len(states)} files of {run_dir} are not as fedtrain wrote them: {'; '.join(bad)}."
+        )
+    console.print(f"all {len(states)} files of {run_dir} are as fedtrain wrote them.")
 
 
 @app.command(name="rotate-key")
