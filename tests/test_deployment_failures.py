@@ -73,7 +73,9 @@ def test_client_whose_key_is_not_registered(running_server, tmp_path) -> None:
     tmp, port, env = running_server
     kit = tmp_path / "client-x"
     shutil.copytree(tmp / "kits" / "client-1", kit)
-    (kit / "node.key").write_bytes(pki.private_openssh(pki.new_key()))  # a key the server never registered
+    unknown = pki.new_key()  # a key pair the server never registered (the kit itself is consistent)
+    (kit / "node.key").write_bytes(pki.private_openssh(unknown))
+    (kit / "node.pub").write_bytes(pki.public_openssh(unknown) + b"\n")
     os.chmod(kit / "node.key", 0o600)
     result, seconds = _client(env, kit, f"127.0.0.1:{port}", tmp / "shard.npz")
     _one_sentence(result, "does not accept this client's key")
@@ -351,3 +353,7 @@ def test_wrong_payload_key_is_rejected_and_the_round_goes_on(running_server) -> 
     assert row["clients_ok"] == 1 and row["clients_failed"] == 1
     (reason,) = row["failed"].values()
     assert "reply rejected" in reason and "encrypted with a different key" in reason
+    verified = subprocess.run([FEDTRAIN, "verify", str(tmp / "run"), "--key-file", str(tmp / "kits" / "server" /
+                               "model.key")], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr  # the deployed ServerApp recorded its files
+    assert "privacy.json: ok" in verified.stdout and "model.ftenc: ok" in verified.stdout
