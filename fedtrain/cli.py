@@ -110,6 +110,7 @@ def simulate(
     make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
     client_policy = ClientPolicy.load(policy) if policy is not None else None
     path = resume if resume is not None else _new_run_dir(resolved.run_dir)
+    prepared = simulation.prepare(resolved)  # data, model, device: checked before a key or anything is created
     model_key = load_model_key(resolved.key_file, create_local=resume is None)
     resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
     console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
@@ -131,7 +132,12 @@ def simulate(
 
         try:
             simulation.run(
-                resolved, on_round=on_round, verbose=verbose, resume=resume is not None, policy=client_policy
+                resolved,
+                on_round=on_round,
+                verbose=verbose,
+                resume=resume is not None,
+                policy=client_policy,
+                prepared=prepared,
             )
         except FedtrainError:
             live.stop()
@@ -166,16 +172,40 @@ def export(
     from fedtrain.fileio import atomic_write_bytes
     from fedtrain.security.keys import load_model_key
     from fedtrain.server.model_files import MODEL_FILE, load_model, read_run_info
+    from fedtrain.server.verification import require_intact_reports
 
     if out.exists() and not force:
         raise FedtrainError(f"{out} already exists; choose another --out or pass --force.")
     info = read_run_info(run_dir)
     model_key = load_model_key(key_file or _configured_key_file(run_dir))
     state, meta = load_model(run_dir / MODEL_FILE, model_key.key, info["run_id"], "model")
+    require_intact_reports(run_dir, model_key)  # edited metrics or privacy report: no export
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
+    key_file: Annotated[
+        str | None, typer.Option(help="Model key file (default: the run's own, $FEDTRAIN_MODEL_KEY or store).")
+    ] = None,
+) -> None:
+    """Check that every file of a run is as fedtrain wrote it (metrics, privacy report, plot, model)."""
+    from fedtrain.security.keys import load_model_key
+    from fedtrain.server.verification import verify_run
+
+    states = verify_run(run_dir, load_model_key(key_file or _configured_key_file(run_dir)))
+    for name, state in states.items():
+        console.print(f"  {name}: {state}", highlight=False)
+    bad = [f"{name} ({state})" for name, state in states.items() if state != "ok"]
+    if bad:
+        raise FedtrainError(
+            f"{len(bad)} of {len(states)} files of {run_dir} are not as fedtrain wrote them: {'; '.join(bad)}."
+        )
+    console.print(f"all {len(states)} files of {run_dir} are as fedtrain wrote them.")
 
 
 @app.command(name="rotate-key")
@@ -212,11 +242,19 @@ def provision(
     passphrase_env: Annotated[
         str | None, typer.Option(help="Environment variable holding a passphrase for the private keys.")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="The federation's TOML config: its input_shape and classes go into every kit."),
+    ] = None,
 ) -> None:
     """Write a kit per party: CA, server TLS certificate, client authentication keys, payload keys."""
     import os
 
+    from fedtrain.config import resolve
+    from fedtrain.security.kit_data import declared_data
     from fedtrain.security.kits import provision as make_kits
+
+    data = declared_data(resolve(config, {}), str(config)) if config is not None else None
 
     passphrase = None
     if passphrase_env:
@@ -226,7 +264,7 @@ def provision(
                 f"environment variable {passphrase_env} is empty or unset; export the passphrase first."
             )
         passphrase = value.encode()
-    kits = make_kits(out, server_host, clients, passphrase)
+    kits = make_kits(out, server_host, clients, passphrase, data)
     console.print(f"wrote {len(kits)} kits under {out}: " + ", ".join(k.name for k in kits))
     console.print(f"give each party only its own folder; keep {out / 'ca'} offline (it signs server certificates).")
 
@@ -297,6 +335,7 @@ def server(
         insecure=insecure,
         passphrase=_passphrase(passphrase_env),
         resume=resume is not None,
+        secret_env=(passphrase_env,) if passphrase_env else (),
     )
     rows: list[dict[str, Any]] = []
 
@@ -360,6 +399,7 @@ def client(
         insecure,
         max_physical_batch_size,
         policy,
+        secret_env=(passphrase_env,) if passphrase_env else (),
     )
     join(options, lambda text: console.print(text, highlight=False))
 

@@ -169,6 +169,8 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
                 ) from None
         features.append(values)
         labels.append(row[label_at].strip())
+    if not features:
+        raise FedtrainError(f"{path} has a header but no rows; a CSV shard needs one row per sample.")
     return np.asarray(features, dtype=np.float32).reshape(len(features), -1), np.asarray(labels)
 
 
@@ -242,6 +244,12 @@ def encode_labels(raw: np.ndarray, config: Config, source: str, *, infer: bool) 
     """Map raw labels to class ids 0..K-1 and return (ids, class names)."""
     raw = np.asarray(raw).reshape(-1)
     keys = [_label_key(v) for v in raw.tolist()]
+    fraction = next((k for k in keys if _is_fraction(k)), None)
+    if fraction is not None and fraction not in (config.labels or []):
+        raise FedtrainError(
+            f"label {fraction} in {source} is not a whole number; class labels are 0, 1, 2, ... "
+            "(or names listed in labels): fix the data."
+        )
     if config.labels:
         index = {name: i for i, name in enumerate(config.labels)}
         unknown = next((k for k in keys if k not in index), None)
@@ -276,6 +284,47 @@ def encode_labels(raw: np.ndarray, config: Config, source: str, *, infer: bool) 
 
 def _is_int(key: str) -> bool:
     return key.lstrip("-").isdigit()
+
+
+def _is_fraction(key: str) -> bool:
+    """A numeric label that is not a whole number (0.5, nan, inf): a class id cannot be one."""
+    try:
+        float(key)
+    except ValueError:
+        return False
+    return not _is_int(key)
+
+
+def check_client_shard(path: str | Path, declared: Config | None) -> Dataset:
+    """Load a real client's shard and check it against the federation's data, before connecting.
+
+    Args:
+        path: the shard (file or image folder).
+        declared: the kit's data description (input_shape, classes, label column), or None when
+            the kit has none: then only what is wrong on its own is refused (negative or fractional
+            numeric labels, and every defect `load_shard` finds).
+
+    Returns:
+        The shard, its labels numbered as the federation numbers them.
+
+    Raises:
+        FedtrainError: one sentence for the first defect found.
+    """
+    if declared is None:
+        shard = load_shard(path, Config(), infer_labels=True)
+        negative = next((name for name in shard.class_names if _is_int(name) and int(name) < 0), None)
+        if negative is not None:
+            raise FedtrainError(
+                f"label {negative} in {path} is negative; class labels are 0, 1, 2, ... (or names): fix the data."
+            )
+        return shard
+    shard = load_shard(path, declared)
+    if declared.input_shape and shard.input_shape != list(declared.input_shape):
+        raise FedtrainError(
+            f"samples in {path} have shape {shard.input_shape}, but this federation's model takes "
+            f"{list(declared.input_shape)} (the kit's federation.toml); give a shard of that shape."
+        )
+    return shard
 
 
 def _renumber(ids: np.ndarray, names: list[str]) -> np.ndarray:

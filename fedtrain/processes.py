@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedtrain.errors import FedtrainError
@@ -23,9 +24,23 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: our tools first on PATH, quiet, no runtime installs."""
-    env = dict(os.environ)
+# Secrets a Flower process never needs: the model key ($FEDTRAIN_MODEL_KEY; the server's run names its key file).
+SECRET_ENV = ("FEDTRAIN_MODEL_KEY",)
+
+
+def flower_env(flwr_home: Path | None = None, hide: Iterable[str | None] = ()) -> dict[str, str]:
+    """Environment for Flower's processes: our tools first on PATH, quiet, no runtime installs.
+
+    Args:
+        flwr_home: Flower's home folder for these processes (FLWR_HOME), if any.
+        hide: names of further variables that hold secrets (e.g. the one --passphrase-env names);
+            they and SECRET_ENV are left out, so no child (nor what it runs) can read them.
+
+    Returns:
+        A copy of this process's environment with those changes.
+    """
+    secrets = {*SECRET_ENV, *(name for name in hide if name)}
+    env = {name: value for name, value in os.environ.items() if name not in secrets}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         {
@@ -89,7 +104,10 @@ def _die_with_parent() -> None:
 class ManagedProcess:
     """A child in its own session; `stop()` terminates the whole group, then kills it if needed."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = ()
+    ) -> None:
+        """Start `argv`; `pass_fds` are descriptors it inherits under the same numbers (e.g. an in-memory key)."""
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +119,7 @@ class ManagedProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            pass_fds=pass_fds,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads touched
         )
 

@@ -111,13 +111,20 @@ def run(
     verbose: bool = False,
     resume: bool = False,
     policy: ClientPolicy | None = None,
+    prepared: tuple[Config, Dataset] | None = None,
 ) -> list[dict[str, Any]]:
     """Prepare, then run the whole federated training (or, with `resume`, its remaining rounds);
     returns the metrics history (one row per round, the resumed ones included). Every simulated
-    client applies `policy`, or by default a policy admitting the run's own settings."""
+    client applies `policy`, or by default a policy admitting the run's own settings.
+
+    `prepared` is what `prepare` returned for this config, when the caller checked the inputs first
+    (the CLI does, before it creates a key or names a run directory): the data is not loaded twice."""
     from flwr.simulation import run_simulation
 
-    config, test_set = prepare(config)
+    described, test_set = prepared if prepared is not None else prepare(config)
+    config = config.replace(
+        labels=described.labels, num_classes=described.num_classes, input_shape=described.input_shape
+    )
     rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any]) -> None:

@@ -73,7 +73,9 @@ def test_client_whose_key_is_not_registered(running_server, tmp_path) -> None:
     tmp, port, env = running_server
     kit = tmp_path / "client-x"
     shutil.copytree(tmp / "kits" / "client-1", kit)
-    (kit / "node.key").write_bytes(pki.private_openssh(pki.new_key()))  # a key the server never registered
+    unknown = pki.new_key()  # a key pair the server never registered (the kit itself is consistent)
+    (kit / "node.key").write_bytes(pki.private_openssh(unknown))
+    (kit / "node.pub").write_bytes(pki.public_openssh(unknown) + b"\n")
     os.chmod(kit / "node.key", 0o600)
     result, seconds = _client(env, kit, f"127.0.0.1:{port}", tmp / "shard.npz")
     _one_sentence(result, "does not accept this client's key")
@@ -226,8 +228,8 @@ def test_passphrase_protected_kits(tmp_path) -> None:
                              "--passphrase-env", "KIT_PASS")  # fmt: skip
         _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 60, "the server")
         assert server.poll() is None, procs.output("server")
-        (private,) = tmp_path.glob("fedtrain-server-*")
-        assert oct(private.stat().st_mode & 0o777) == "0o700"
+        assert not list(tmp_path.glob("fedtrain-server-*"))  # the decrypted TLS key lives in memory only
+        _assert_no_decrypted_key(tmp_path)
         context = ssl.create_default_context(cafile=str(server_kit / "ca.crt"))
         with (
             socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
@@ -236,9 +238,85 @@ def test_passphrase_protected_kits(tmp_path) -> None:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
         os.killpg(server.pid, signal.SIGTERM)
         assert server.wait(timeout=30) == 143
-        assert not private.exists()
     finally:
         procs.stop_all()
+
+
+def _assert_no_decrypted_key(root: Path) -> None:
+    """No file under `root` holds a private key in the clear (kits hold theirs encrypted)."""
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            assert b"PRIVATE KEY-----" not in data or b"ENCRYPTED PRIVATE KEY" in data, path
+    assert not [p for p in root.rglob("fedtrain-node-*")] + [p for p in root.rglob("fedtrain-server-*")]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+def _supernode_of(client_pid: int) -> int | None:
+    from fedtrain.processes import _descendants
+
+    return next((pid for pid in _descendants(client_pid) if "fedtrain.clients.supernode" in _cmdline(pid)), None)
+
+
+def _secret_free_children(parent_pid: int, secret: bytes) -> None:
+    """No process below `parent_pid` has the passphrase in its environment."""
+    from fedtrain.processes import _descendants
+
+    children = _descendants(parent_pid)
+    assert children
+    for pid in children:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a short-lived flwr call may be gone
+            assert secret not in Path(f"/proc/{pid}/environ").read_bytes(), _cmdline(pid)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_sigkilled_passphrase_client_leaves_no_decrypted_key(tmp_path) -> None:
+    """Issue 13.3: server and client decrypt their keys into memory files handed to Flower's processes
+    (/proc/self/fd/N), never to disk; children never see the passphrase. A client killed with SIGKILL,
+    and started again, leaves no decrypted key anywhere (TMPDIR, FEDTRAIN_HOME, the whole test folder)."""
+    provision(tmp_path / "kits", ["127.0.0.1"], 1, passphrase=b"correct horse")
+    (tmp_path / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
+    np.savez(tmp_path / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "KIT_PASS": "correct horse",
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    procs = Processes(env, tmp_path)
+    port = free_port()
+    client_args = ["client", "--kit", str(tmp_path / "kits" / "client-1"), "--server", f"127.0.0.1:{port}",
+                   "--data", str(tmp_path / "shard.npz"), "--passphrase-env", "KIT_PASS"]  # fmt: skip
+    try:
+        server = procs.start("server", "server", "--kit", str(tmp_path / "kits" / "server"), "--config",
+                             str(tmp_path / "fed.toml"), "--host", "127.0.0.1", "--port", str(port), "--run-dir",
+                             str(tmp_path / "run"), "--passphrase-env", "KIT_PASS", "--min-clients", "2")  # fmt: skip
+        _wait_for(lambda: "Fleet API" in procs.output("server") or server.poll() is not None, 90, "the server")
+        assert server.poll() is None, procs.output("server")
+        client = procs.start("client-a", *client_args)
+        _wait_for(lambda: "connected to" in procs.output("client-a") or client.poll() is not None, 120, "client")
+        assert "connected to" in procs.output("client-a"), procs.output("client-a")  # Flower read the key from memory
+        supernode = _supernode_of(client.pid)
+        assert supernode is not None and "--auth-supernode-private-key /proc/self/fd/" in _cmdline(supernode)
+        _secret_free_children(client.pid, b"correct horse")
+        _secret_free_children(server.pid, b"correct horse")
+        _assert_no_decrypted_key(tmp_path)
+
+        os.kill(client.pid, signal.SIGKILL)  # the fedtrain client alone: its children die with it (PDEATHSIG)
+        client.wait(timeout=10)
+        _wait_for(lambda: not Path(f"/proc/{supernode}").exists(), 30, "the orphaned SuperNode to die")
+        _assert_no_decrypted_key(tmp_path)
+
+        again = procs.start("client-b", *client_args)
+        restarted = ("connected to", "still holds this client's previous session")  # both: the key was read
+        _wait_for(lambda: any(m in procs.output("client-b") for m in restarted) or again.poll() is not None, 120,
+                  "the restarted client")  # fmt: skip
+        assert again.poll() is None, procs.output("client-b")
+        _assert_no_decrypted_key(tmp_path)
+    finally:
+        procs.stop_all()
+    _assert_no_decrypted_key(tmp_path)
 
 
 def test_wrong_payload_key_is_rejected_and_the_round_goes_on(running_server) -> None:
@@ -275,3 +353,7 @@ def test_wrong_payload_key_is_rejected_and_the_round_goes_on(running_server) -> 
     assert row["clients_ok"] == 1 and row["clients_failed"] == 1
     (reason,) = row["failed"].values()
     assert "reply rejected" in reason and "encrypted with a different key" in reason
+    verified = subprocess.run([FEDTRAIN, "verify", str(tmp / "run"), "--key-file", str(tmp / "kits" / "server" /
+                               "model.key")], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr  # the deployed ServerApp recorded its files
+    assert "privacy.json: ok" in verified.stdout and "model.ftenc: ok" in verified.stdout

@@ -1,6 +1,6 @@
 """`fedtrain client`: a SuperNode that trains fedtrain's ClientApp on one private shard.
 
-The shard is loaded and checked before anything connects, so a bad file fails in a second. The
+The kit and the shard are checked before anything connects, so a bad file fails in a second. The
 SuperNode authenticates with the kit's node key, trusts only the kit's CA, and learns its data
 path, kit and name through `--node-config`. ClientApps are launched by fedtrain's pinned SuperExec
 (clients/pinned_app.py), so only fedtrain's installed ClientApp ever runs here. Both processes are
@@ -10,23 +10,23 @@ and says why in one sentence.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtrain.clients.supernode import HEARTBEAT_INTERVAL
-from fedtrain.config import Config
-from fedtrain.data import load_shard
+from fedtrain.data import check_client_shard
 from fedtrain.errors import FedtrainError
 from fedtrain.fileio import atomic_write_text
 from fedtrain.processes import ManagedProcess, flower_env, free_port
+from fedtrain.security.key_handover import hand_over
 from fedtrain.security.keys import fedtrain_home
-from fedtrain.security.kits import read_kit, unlocked_key
+from fedtrain.security.kit_checks import check_client_kit
 
 SESSION_FILE = "session"
 GIVE_UP = ("Giving up reconnection", "Connection attempt failed, giving up")
@@ -44,6 +44,7 @@ class ClientOptions:
     insecure: bool = False
     max_physical_batch_size: int | None = None  # this node's GPU memory, whatever the run's batch size
     policy: Path | None = None  # this client's privacy policy (default: the kit's policy.toml)
+    secret_env: tuple[str, ...] = ()  # variables that hold secrets (--passphrase-env): no child inherits them
 
 
 def check_privacy(kit: Path, name: str, policy: Path | None) -> Path:
@@ -81,19 +82,36 @@ def explain_exit(code: int | None, log: str) -> str:
 
 
 def join(options: ClientOptions, say: Callable[[str], None], stop_after: float | None = None) -> None:
-    """Run the SuperNode until it stops (or `stop_after` seconds); raise FedtrainError on failure."""
+    """Run the SuperNode until it stops (or `stop_after` seconds).
+
+    Everything that can be checked without the server is checked first, each defect with its own
+    sentence: the address, every file of the kit, and the shard against the kit's data description.
+    Only then does a SuperNode start.
+
+    Args:
+        options: the kit, the server, the shard and how to run.
+        say: where progress lines go.
+        stop_after: stop (cleanly) after this many seconds; None runs until the SuperNode stops.
+
+    Raises:
+        FedtrainError: a bad input, or why the SuperNode stopped, in one sentence.
+    """
     kit = options.kit.resolve()
-    info = read_kit(kit, "client")
     _check_server(options.server)
+    checked = check_client_kit(kit, options.passphrase)
+    name = checked.info["name"]
     data = options.data.resolve()
-    shard = load_shard(data, Config(), infer_labels=True)  # fail fast, before connecting
-    say(f"{info['name']}: {len(shard)} samples of shape {shard.input_shape} in {data}")
-    policy = check_privacy(kit, info["name"], options.policy)
-    state = fedtrain_home() / "supernodes" / info["name"]
+    shard = check_client_shard(data, checked.data)  # fail fast, before connecting
+    say(f"{name}: {len(shard)} samples of shape {shard.input_shape} in {data}")
+    policy = check_privacy(kit, name, options.policy)
+    state = fedtrain_home() / "supernodes" / name
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with tempfile.TemporaryDirectory(prefix="fedtrain-node-") as private:
-        key = unlocked_key(kit / "node.key", options.passphrase, Path(private), openssh=True)
-        node_config = f"data-path='{data}' kit='{kit}' client-name='{info['name']}' policy='{policy}'"
+    # Flower cannot read an encrypted key: a protected one is decrypted into memory only (key_handover).
+    handed = hand_over(checked.unlocked, "node", "node.key") if checked.unlocked is not None else None
+    with handed or contextlib.nullcontext():
+        key = handed.path if handed is not None else kit / "node.key"
+        pass_fds = handed.pass_fds if handed is not None else ()
+        node_config = f"data-path='{data}' kit='{kit}' client-name='{name}' policy='{policy}'"
         if options.device:
             node_config += f" device='{options.device}'"
         if options.max_physical_batch_size:
@@ -117,14 +135,14 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
                 "--port", str(runtime_port),
                 "--max-wait-time", str(int(options.max_wait)),
             ]  # fmt: skip
-            env = flower_env(state / "flwr")
-            node = ManagedProcess("SuperNode", argv, env, state / "supernode.log")
+            env = flower_env(state / "flwr", hide=options.secret_env)
+            node = ManagedProcess("SuperNode", argv, env, state / "supernode.log", pass_fds=pass_fds)
             pinned_superexec = [sys.executable, "-m", "fedtrain.clients.pinned_app", "--insecure",  # loopback API
                                 "--runtime-api-address", f"127.0.0.1:{runtime_port}",
                                 "--parent-pid", str(node.process.pid)]  # fmt: skip
             executor = ManagedProcess("SuperExec", pinned_superexec, env, state / "superexec.log")
             try:
-                _supervise(node, executor, say, info["name"], options.server, stop_after, state / SESSION_FILE)
+                _supervise(node, executor, say, name, options.server, stop_after, state / SESSION_FILE)
                 (state / SESSION_FILE).unlink(missing_ok=True)  # a clean stop deactivates the node
                 return
             except FedtrainError as exc:
@@ -135,7 +153,7 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
                 if ACTIVATION_REFUSED in log and time.time() < session_expires:
                     if not told:
                         say(
-                            f"{info['name']}: the server still holds this client's previous session (did it "
+                            f"{name}: the server still holds this client's previous session (did it "
                             "crash?); retrying until that session expires"
                         )
                         told = True
@@ -143,7 +161,7 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
                     continue
                 if options.insecure and "cannot be reached" in str(exc):
                     raise FedtrainError(
-                        f"{info['name']} could not talk to {options.server} without TLS; the server probably "
+                        f"{name} could not talk to {options.server} without TLS; the server probably "
                         "requires TLS: drop --insecure."
                     ) from None
                 raise

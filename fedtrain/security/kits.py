@@ -12,6 +12,7 @@ Payload keys: `federation.key` seals what the server sends down (every client ma
 model); each client's `uplink.key` seals its updates, so no client can read or forge another's.
 The whole tree is built in a temporary folder beside KITS and renamed into place at the end, so a
 failure leaves nothing half-written. Secret files are 0600, folders 0700.
+With `--config`, the server's and every client's kit also hold federation.toml (security/kit_data.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 import fedtrain
+from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.fileio import atomic_write_bytes, atomic_write_text
 from fedtrain.security import pki
 from fedtrain.security.keys import encode_key, generate_key
+from fedtrain.security.kit_data import write_data_file
 
 KIT_FILE = "kit.json"
 SECRET, PUBLIC = 0o600, 0o644
@@ -47,8 +48,12 @@ def _write(folder: Path, name: str, data: bytes | str, mode: int) -> None:
     atomic_write_bytes(folder / name, raw, mode=mode)
 
 
-def provision(out: Path, server_hosts: list[str], clients: int, passphrase: bytes | None = None) -> list[Path]:
-    """Create every kit under `out` (which must not exist or be empty); returns the kit folders."""
+def provision(
+    out: Path, server_hosts: list[str], clients: int, passphrase: bytes | None = None, data: Config | None = None
+) -> list[Path]:
+    """Create every kit under `out` (which must not exist or be empty); returns the kit folders.
+
+    `data` (kit_data.declared_data) goes into every kit as federation.toml, for clients to check their shard."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FedtrainError(f"{out} is not empty; provision into a new folder so no existing key is overwritten.")
@@ -57,6 +62,8 @@ def provision(out: Path, server_hosts: list[str], clients: int, passphrase: byte
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _build(staging, server_hosts, names, passphrase)
+        for folder in [staging / "server", *(staging / n for n in names)] if data is not None else []:
+            write_data_file(folder, data)
         if out.exists():
             out.rmdir()
         os.rename(staging, out)
@@ -135,20 +142,3 @@ def read_kit(folder: Path, role: str) -> dict:
             f"{folder} is a {info.get('role') if isinstance(info, dict) else 'unknown'} kit, not a {role} kit."
         )
     return info
-
-
-def unlocked_key(path: Path, passphrase: bytes | None, private_dir: Path, openssh: bool = False) -> Path:
-    """A private key file Flower's processes can read (they cannot take a passphrase): `path` itself
-    when it is not encrypted, else a decrypted copy (0600) in `private_dir`, PEM or OpenSSH."""
-    data = path.read_bytes()
-    if b"ENCRYPTED" not in data:
-        return path
-    if not passphrase:
-        raise FedtrainError(f"{path} is passphrase-protected; pass --passphrase-env VAR with the passphrase.")
-    try:
-        key = serialization.load_pem_private_key(data, passphrase)
-    except (ValueError, TypeError):
-        raise FedtrainError(f"the passphrase does not open {path}.") from None
-    fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
-    plain = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-    return atomic_write_bytes(Path(private_dir) / path.name, plain, mode=SECRET)

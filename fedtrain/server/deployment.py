@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +31,9 @@ from fedtrain.processes import (
     tool,
     wait_for_port,
 )
-from fedtrain.security.kits import read_kit, unlocked_key
+from fedtrain.security.key_handover import HandedKey, hand_over
+from fedtrain.security.kit_checks import check_server_kit
+from fedtrain.security.kit_data import DATA_FILE, agree
 from fedtrain.server import checkpoint
 from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.history import METRICS_JSON
@@ -58,11 +58,27 @@ class ServerOptions:
     insecure: bool = False
     passphrase: bytes | None = None
     resume: bool = False  # continue the run in run_dir after its last complete round
+    secret_env: tuple[str, ...] = ()  # variables that hold secrets (--passphrase-env): no child inherits them
 
 
-def deployment_config(options: ServerOptions, run_dir: Path) -> Config:
-    """The run's config: the model must be described (a server holds no data), keys from the kit."""
+def deployment_config(options: ServerOptions, run_dir: Path, declared: Config | None = None) -> Config:
+    """The run's config: the model must be described (a server holds no data), keys from the kit.
+
+    Args:
+        options: the server's options, with the config from --config.
+        run_dir: the run directory.
+        declared: the kit's data description (federation.toml), which the clients check their data
+            against: the config may leave it out, and must not contradict it.
+
+    Returns:
+        The config the ServerApp runs with.
+
+    Raises:
+        FedtrainError: the model's input is not described, contradicts the kit, or the strategy is bad.
+    """
     config = options.config
+    if declared is not None:
+        config = agree(config, declared, str(options.kit / DATA_FILE))
     if not config.input_shape or not (config.num_classes or config.labels):
         raise FedtrainError(
             "a server holds no data, so the config must give input_shape and num_classes (or labels); "
@@ -126,15 +142,16 @@ class Server:
         self.options = options
         self.run_dir = run_dir
         self.say = say
-        self.info = read_kit(options.kit, "server")
-        self.config = deployment_config(options, run_dir)
+        self.checked = check_server_kit(options.kit, options.passphrase)  # every file, before anything starts
+        self.info = self.checked.info
+        self.config = deployment_config(options, run_dir, self.checked.data)
         self.kit = options.kit.resolve()
         self.superlink: ManagedProcess | None = None
         self.gateway: FleetGateway | None = None
         self.flwr_home = run_dir / ".flwr"
-        self.env = flower_env(self.flwr_home)
+        self.env = flower_env(self.flwr_home, hide=options.secret_env)
         self.internal_port = 0
-        self.private_dir: Path | None = None
+        self.tls_key: HandedKey | None = None
 
     def __enter__(self) -> Server:
         return self
@@ -149,9 +166,9 @@ class Server:
         if self.superlink is not None:
             self.superlink.stop()
             self.superlink = None
-        if self.private_dir is not None:
-            shutil.rmtree(self.private_dir, ignore_errors=True)
-            self.private_dir = None
+        if self.tls_key is not None:
+            self.tls_key.close()
+            self.tls_key = None
 
     def start(self) -> None:
         check_port_free(self.options.host, self.options.port)
@@ -165,12 +182,11 @@ class Server:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.internal_port}"\n{trust}\n',
         )
-        self.private_dir = Path(tempfile.mkdtemp(prefix="fedtrain-server-"))  # 0700: a decrypted TLS key
-        tls = (
-            self.kit / "server.crt",
-            unlocked_key(self.kit / "server.key", self.options.passphrase, self.private_dir),
-            self.kit / "ca.crt",
-        )
+        # Flower cannot read an encrypted key: a protected one is decrypted into memory only (key_handover).
+        if self.checked.unlocked is not None:
+            self.tls_key = hand_over(self.checked.unlocked, "server", "server.key")
+        key = self.tls_key.path if self.tls_key else self.kit / "server.key"
+        tls = (self.kit / "server.crt", key, self.kit / "ca.crt")
         security = (
             ["--insecure"]  # Flower's node authentication needs TLS: insecure means unauthenticated nodes
             if insecure
@@ -186,7 +202,8 @@ class Server:
         ]  # fmt: skip
         if self.options.database is not None:
             argv += ["--database", str(self.options.database)]
-        self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log")
+        fds = self.tls_key.pass_fds if self.tls_key else ()
+        self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log", pass_fds=fds)
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
         if not insecure:
             self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal

@@ -1,5 +1,6 @@
 """What a run leaves behind in its run directory besides the model: the per-round metrics history
-(JSON + CSV), a plot of accuracy and epsilon, and the privacy report with every client's ledger."""
+(JSON + CSV), a plot of accuracy and epsilon, and the privacy report with every client's ledger.
+Each file is recorded, as written, in the run's integrity record (security/run_integrity.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtrain.fileio import atomic_write_bytes, atomic_write_text
+from fedtrain.fileio import atomic_write_bytes
+from fedtrain.security.run_integrity import RunIntegrity
 from fedtrain.server.screening import ClientPrivacy
 
 METRICS_JSON, METRICS_CSV, PLOT, PRIVACY_JSON = "metrics.json", "metrics.csv", "training.png", "privacy.json"
+PROTECTED = (METRICS_JSON, METRICS_CSV, PRIVACY_JSON, PLOT)  # the plain files a run's integrity record covers
 CSV_COLUMNS = (
     "round",
     "accuracy",
@@ -44,9 +47,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]], integrity: RunIntegrity | None = None) -> None:
     """metrics.json (a list, one object per round) and metrics.csv (flat, one column per client)."""
-    atomic_write_text(run_dir / METRICS_JSON, json.dumps(_json_safe(rows), indent=2) + "\n")
+    metrics_json = json.dumps(_json_safe(rows), indent=2) + "\n"
     clients = sorted({cid for row in rows for cid in row.get("epsilon", {})})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -54,7 +57,7 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         base = [row.get(col) for col in CSV_COLUMNS]
         writer.writerow(["" if v is None else v for v in base] + [row["epsilon"].get(cid, "") for cid in clients])
-    atomic_write_text(run_dir / METRICS_CSV, buffer.getvalue())
+    _write(run_dir, {METRICS_JSON: metrics_json.encode(), METRICS_CSV: buffer.getvalue().encode()}, integrity)
 
 
 PLAIN_METRICS_WARNING = (
@@ -93,14 +96,17 @@ def privacy_report(clients: dict[str, ClientPrivacy], client_level: dict[str, An
 
 
 def write_privacy_report(
-    run_dir: Path, clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None
+    run_dir: Path,
+    clients: dict[str, ClientPrivacy],
+    client_level: dict[str, Any] | None = None,
+    integrity: RunIntegrity | None = None,
 ) -> None:
-    """privacy.json (see `privacy_report`), atomically."""
+    """privacy.json (see `privacy_report`), atomically, and its digest in the run's integrity record."""
     report = privacy_report(clients, client_level)
-    atomic_write_text(run_dir / PRIVACY_JSON, json.dumps(_json_safe(report), indent=2) + "\n")
+    _write(run_dir, {PRIVACY_JSON: (json.dumps(_json_safe(report), indent=2) + "\n").encode()}, integrity)
 
 
-def write_plot(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_plot(run_dir: Path, rows: list[dict[str, Any]], integrity: RunIntegrity | None = None) -> None:
     """training.png: accuracy (left axis) and the largest client epsilon (right axis) per round."""
     import matplotlib
 
@@ -121,4 +127,13 @@ def write_plot(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    atomic_write_bytes(run_dir / PLOT, buffer.getvalue())
+    _write(run_dir, {PLOT: buffer.getvalue()}, integrity)
+
+
+def _write(run_dir: Path, files: dict[str, bytes], integrity: RunIntegrity | None) -> None:
+    """Write plain run files atomically; with `integrity`, also recorded under the run's model key."""
+    if integrity is not None:
+        integrity.write(files)  # crash-safe: security/run_integrity.py
+        return
+    for name, data in files.items():
+        atomic_write_bytes(run_dir / name, data)

@@ -35,6 +35,7 @@ from fedtrain.evaluation import evaluate
 from fedtrain.fileio import atomic_write_text
 from fedtrain.models import build_model
 from fedtrain.security.keys import load_model_key
+from fedtrain.security.run_integrity import RunIntegrity
 from fedtrain.server import checkpoint, history
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.payload_sealer import PayloadSealer
@@ -96,6 +97,7 @@ class Federation:
         self.model_key = load_model_key(config.key_file)
         self.resume = resume
         self.run_id = checkpoint.resumable_run_id(self.run_dir, self.model_key) if resume else uuid.uuid4().hex
+        self.integrity = RunIntegrity(self.run_dir, self.model_key.key, self.run_id)  # metrics, privacy report, plot
         self.model = build_model(config.model, config.input_shape, num_classes, hidden=config.hidden, seed=config.seed)
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
@@ -220,12 +222,12 @@ class Federation:
         # and clients refusing the run itself, stop it when too few usable updates remain.
         lost = bool(screened.failed or screened.refused_by_policy)
         stops = lost and not enough and not (set(screened.refused) - screened.refused_by_policy)
-        history.write_metrics(self.run_dir, self.rows)
+        history.write_metrics(self.run_dir, self.rows, self.integrity)
         history.write_privacy_report(
-            self.run_dir, self.privacy, central_dp.report(strategy, self.config, self.released)
+            self.run_dir, self.privacy, central_dp.report(strategy, self.config, self.released), self.integrity
         )
         if stops or server_round == self.config.rounds or time.monotonic() - self._plotted >= PLOT_EVERY_SECONDS:
-            history.write_plot(self.run_dir, self.rows)  # 0.2 s or more of a round: not every round
+            history.write_plot(self.run_dir, self.rows, self.integrity)  # 0.2 s or more of a round: not every round
             self._plotted = time.monotonic()
         checkpoint.save(self.run_dir, self.model_key.key, self.run_id, server_round, state, strategy, self.config,
                         self.rows, self.privacy, self.released)  # fmt: skip
