@@ -37,7 +37,7 @@ from fedtrain.config import Config
 from fedtrain.server.screening import error_reason
 
 log = logging.getLogger("fedtrain")
-Exchange = Callable[[list[Message]], tuple[list[Message], dict[int, str]]]
+Exchange = Callable[[list[Message]], list[Message]]  # one stage's messages out, their replies back
 
 
 @dataclass
@@ -64,11 +64,10 @@ class _StageGrid:
         if not messages:
             return []
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
-        replies, unopened = self.exchange(messages)
-        self.failed.update(unopened)
+        replies = self.exchange(messages)
         answered = {self.node_of(reply) for reply in replies}
         for msg in messages:
-            if msg.metadata.dst_node_id not in answered and msg.metadata.dst_node_id not in unopened:
+            if msg.metadata.dst_node_id not in answered:
                 self.failed[msg.metadata.dst_node_id] = f"no reply in SecAgg+ stage {stage!r} within round_timeout"
         for reply in replies:
             if reply.has_error():
