@@ -30,7 +30,8 @@ def running_server(tmp_path_factory):
     provision(tmp / "kits", ["127.0.0.1"], 3)  # client-3 is for the unregistration test
     provision(tmp / "other", ["127.0.0.1"], 1)  # another federation: another CA
     np.savez(tmp / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
-    (tmp / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
+    # 20 samples: batches of 5 keep the sample rate within a default client policy (at most 0.5)
+    (tmp / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\nbatch_size = 5\n")
     env = {**os.environ, "FEDTRAIN_HOME": str(tmp / "home"), "COLUMNS": "200"}
     procs = Processes(env, tmp)
     port = free_port()
