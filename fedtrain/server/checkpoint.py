@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtrain._flower import OPTIMIZER_STATE  # Flower's FedOpt family and FedAvgM
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy.ledger import PrivacyLedger
@@ -33,7 +34,6 @@ from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, load_model,
 from fedtrain.server.screening import ClientPrivacy
 
 FORMAT = 2  # 2: ledgers with metric releases, lifetime epsilon
-OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")  # Flower's FedOpt family and FedAvgM
 # Where a run is kept and how it reaches its key or devices may change between runs of the same federation.
 MAY_CHANGE = ("run_dir", "key_file", "kit", "device")
 

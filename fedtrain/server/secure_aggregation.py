@@ -27,12 +27,19 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
 
+from fedtrain._flower import (
+    MAIN_CONFIGS_RECORD,
+    MAIN_PARAMS_RECORD,
+    FitIns,
+    Parameters,
+    SecAggPlusWorkflow,
+    WorkflowKey,
+    WorkflowState,
+    bytes_to_ndarray,
+    parameters_to_ndarrays,
+)
 from fedtrain.config import Config
 from fedtrain.server.screening import error_reason
 

@@ -109,7 +109,8 @@ def count_stddev(config: Config, sampled: int) -> float:
 
 
 class _PrivateNoise:
-    """Noise from this strategy's own generator, seeded from the OS and never stored or shared.
+    """Noise from this strategy's own generator, seeded from the OS and never stored or shared
+    (overrides Flower's hooks fedtrain/_flower.py names: DP_NOISE_HOOK, DP_COUNT_HOOK).
 
     Flower draws it from NumPy's global Mersenne Twister: any code in the process can read or seed
     that state, and from it recompute, then subtract, the noise of every release."""
@@ -156,7 +157,7 @@ class AccountedAdaptiveClipping(_PrivateNoise, DifferentialPrivacyServerSideAdap
         self.accountant = _accountant(config, config.max_client_epsilon)
         self.event = release(config, sampled)
 
-    def _geometric_update(self, clipped_fraction: float) -> None:
+    def _geometric_update(self, clipped_fraction: float) -> None:  # _flower.DP_BOUND_HOOK
         # Andrew et al.'s rule moves the bound by the share of updates *under* it:
         # C <- C exp(-lr (unclipped - quantile)). Flower 1.42 feeds the clipped share into the same
         # formula, which shrinks a bound that clips everything, towards 0; correct the sign here.
