@@ -112,7 +112,7 @@ def checkpointed(tmp_path_factory):
     config = controlled(tmp_path_factory.mktemp("ckpt"), rounds=3)
     with flower_task(), contextlib.suppress(Killed):
         Federation(config, on_round=kill_after(1)).run(ControlledGrid())
-    path = Path(config.run_dir) / "checkpoint.ftenc"
+    path = Path(config.deployment.run_dir) / "checkpoint.ftenc"
     return config, path, path.read_bytes()
 
 
@@ -148,7 +148,7 @@ def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, f
     from fedtrain.tensors import state_dict_to_bytes
 
     config, path, original = checkpointed
-    key = load_model_key(config.key_file).key
+    key = load_model_key(config.deployment.key_file).key
     run_id = json.loads((path.parent / "run.json").read_text())["run_id"]
     tensors, meta = load_model(path, key, run_id, "checkpoint")
     meta[field] = value

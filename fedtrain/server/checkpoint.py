@@ -144,11 +144,11 @@ def resumable_run_id(run_dir: Path, model_key: ModelKey) -> str:
 
 
 def preflight(config: Config) -> int:
-    """Check, before anything starts, that the run in config.run_dir can be resumed with `config`
+    """Check, before anything starts, that the run in config.deployment.run_dir can be resumed with `config`
     and its key; returns its last complete round."""
     from fedtrain.strategies import make_strategy
 
-    run_dir, model_key = Path(str(config.run_dir)), load_model_key(config.key_file)
+    run_dir, model_key = Path(str(config.deployment.run_dir)), load_model_key(config.deployment.key_file)
     run_id = resumable_run_id(run_dir, model_key)
     return load(run_dir, model_key.key, run_id, config, make_strategy(config)).server_round
 

@@ -43,7 +43,7 @@ def federated_evaluation(
     messages = list(strategy.configure_evaluate(server_round, ArrayRecord(state), sent, grid))
     if not messages:
         return Evaluated()
-    replies = list(grid.send_and_receive(messages, timeout=strategy.config.round_timeout))
+    replies = list(grid.send_and_receive(messages, timeout=strategy.config.federation.round_timeout))
     book.sent(messages)
     screened, usable = Screened(), []
     loss, accuracy = ReleasedMean(), ReleasedMean()

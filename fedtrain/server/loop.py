@@ -66,21 +66,27 @@ class Federation:
         sealer: PayloadSealer | None = None,
         resume: bool = False,
     ) -> None:
-        if not config.run_dir:
+        if not config.deployment.run_dir:
             raise FedtrainError("the server needs a run directory (run_dir) to keep the model and metrics.")
-        num_classes = config.num_classes or (len(config.labels) if config.labels else None)
-        if not config.input_shape or not num_classes:
+        num_classes = config.data.num_classes or (len(config.data.labels) if config.data.labels else None)
+        if not config.data.input_shape or not num_classes:
             raise FedtrainError("the server needs input_shape and num_classes (or labels) in the config.")
         self.config = config
-        self.run_dir = Path(config.run_dir)
+        self.run_dir = Path(config.deployment.run_dir)
         self.test_set = test_set
         self.sealer = sealer
         self.on_round = on_round or self._log_round
-        self.model_key = load_model_key(config.key_file)
+        self.model_key = load_model_key(config.deployment.key_file)
         self.resume = resume
         self.run_id = checkpoint.resumable_run_id(self.run_dir, self.model_key) if resume else uuid.uuid4().hex
         self.integrity = RunIntegrity(self.run_dir, self.model_key.key, self.run_id)  # metrics, privacy report, plot
-        self.model = build_model(config.model, config.input_shape, num_classes, hidden=config.hidden, seed=config.seed)
+        self.model = build_model(
+            config.training.model,
+            config.data.input_shape,
+            num_classes,
+            hidden=config.training.hidden,
+            seed=config.federation.seed,
+        )
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
         self.privacy: dict[str, ClientPrivacy] = {}
@@ -90,7 +96,7 @@ class Federation:
         self.released: list[int] = []  # rounds that released a new model (client-level DP may skip one)
         # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
         client_level = central_dp.uses_central_dp(config)
-        self.clients_needed = config.clients if client_level else config.clients_to_wait_for
+        self.clients_needed = config.federation.clients if client_level else config.clients_to_wait_for
         self.waiting_for = (
             "clients (client-level DP needs all)"
             if client_level
@@ -111,7 +117,7 @@ class Federation:
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
     def _save_model(self, state: dict[str, torch.Tensor]) -> None:
-        meta = {"round": self.config.rounds, "run_id": self.run_id}
+        meta = {"round": self.config.federation.rounds, "run_id": self.run_id}
         save_model(self.run_dir / MODEL_FILE, state, self.model_key.key, self.run_id, "model", meta)
 
     # ------------------------------------------------------------------ loop
@@ -130,11 +136,13 @@ class Federation:
                 resumed.released,
             )
             first = resumed.server_round + 1
-            log.info("resuming %s after round %d of %d", self.run_dir, resumed.server_round, self.config.rounds)
+            log.info(
+                "resuming %s after round %d of %d", self.run_dir, resumed.server_round, self.config.federation.rounds
+            )
         else:
-            random.seed(self.config.seed)  # Flower samples each round's clients from Python's generator
+            random.seed(self.config.federation.seed)  # Flower samples each round's clients from Python's generator
             self._write_run_info()
-        for server_round in range(first, self.config.rounds + 1):
+        for server_round in range(first, self.config.federation.rounds + 1):
             state = self._round(grid, strategy, server_round, state)
         self._save_model(state)
         return self.rows
@@ -185,10 +193,12 @@ class Federation:
         self.rows.append(row)
         # Refusals of a spent budget are policy working as meant: the run goes on with who is left. Failures,
         # and clients refusing the run itself, stop it when too few usable updates remain.
-        enough = strategy.usable >= self.config.min_fit_clients
+        enough = strategy.usable >= self.config.federation.min_fit_clients
         lost = bool(screened.failed or screened.refused_by_policy)
         stops = lost and not enough and not (set(screened.refused) - screened.refused_by_policy)
-        record = RoundRecord(server_round, row, state, strategy.inner, stops or server_round == self.config.rounds)
+        record = RoundRecord(
+            server_round, row, state, strategy.inner, stops or server_round == self.config.federation.rounds
+        )
         for observer in self.observers:
             observer.after_round(record)
         if stops:
@@ -196,20 +206,22 @@ class Federation:
             name, reason = next(iter(lost_clients.items()))
             raise FedtrainError(
                 f"round {server_round}: {strategy.usable} usable updates, fewer than min_fit_clients = "
-                f"{self.config.min_fit_clients} ({len(screened.failed)} failed, {len(screened.refused_by_policy)} "
+                f"{self.config.federation.min_fit_clients} ({len(screened.failed)} failed, "
+                f"{len(screened.refused_by_policy)} "
                 f"refused the run, e.g. {name}: {reason}); the run stops, its last good model is in "
                 f"{self.run_dir / CHECKPOINT_FILE}."
             )
         return state
 
     def _wait_for_clients(self, grid: Grid, server_round: int) -> None:
-        deadline = time.monotonic() + self.config.round_timeout
+        deadline = time.monotonic() + self.config.federation.round_timeout
         needed = self.clients_needed
         while (online := len(list(grid.get_node_ids()))) < needed:
             if time.monotonic() > deadline:
                 raise FedtrainError(
                     f"round {server_round}: {online} clients online, fewer than {self.waiting_for} = {needed}, for "
-                    f"round_timeout ({self.config.round_timeout:.0f} s); the run stops, its last good model is in "
+                    f"round_timeout ({self.config.federation.round_timeout:.0f} s); the run stops, its last good "
+                    "model is in "
                     f"{self.run_dir / CHECKPOINT_FILE}."
                 )
             time.sleep(1)
@@ -225,7 +237,7 @@ class Federation:
             spent = central_dp.spent_epsilon(strategy.inner)
             raise FedtrainError(
                 f"round {server_round}: another release would take client-level epsilon past max_client_epsilon = "
-                f"{self.config.max_client_epsilon:g} (spent {spent:.3f}); the run stops, its last model is in "
+                f"{self.config.privacy.max_client_epsilon:g} (spent {spent:.3f}); the run stops, its last model is in "
                 f"{self.run_dir / CHECKPOINT_FILE}."
             ) from None
         except ValueError as exc:  # Flower's DP wrapper: the sample is not the size the noise was set for
@@ -241,7 +253,7 @@ class Federation:
         log.info(
             "round %d/%d: accuracy %.4f, max epsilon %.3f, clients ok %d, refused %d, failed %d",
             row["round"],
-            self.config.rounds,
+            self.config.federation.rounds,
             row["accuracy"],
             row["epsilon_max"],
             row["clients_ok"],

@@ -51,7 +51,7 @@ class ScreenedStrategy(Strategy):
 
     def __init__(self, inner: Strategy, config: Config, book: NodeBook) -> None:
         self.inner, self.config, self.book = inner, config, book
-        self.streams = config.strategy in STREAMABLE and not central_dp.uses_central_dp(config)
+        self.streams = config.strategy.name in STREAMABLE and not central_dp.uses_central_dp(config)
         self.global_np: dict[str, np.ndarray] = {}
         self.screened = Screened()
         self.usable = self.sampled = 0
@@ -87,7 +87,7 @@ class ScreenedStrategy(Strategy):
         mean, kept = StreamingMean(self.global_np), []
         for reply in replies:
             update = screen_reply(reply, self.global_np, self.book.names, self.book.node_of,
-                                  self.config.max_update_norm, self.screened)  # fmt: skip
+                                  self.config.strategy.max_update_norm, self.screened)  # fmt: skip
             if update is not None:
                 metrics = reply.content.metric_records[protocol.METRICS]
                 if self.streams:
@@ -123,7 +123,7 @@ class ScreenedStrategy(Strategy):
         return mean_reply(self.global_np, mean, weight, self.screened.train_loss.mean)
 
     def _aggregate(self, server_round: int, accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.usable < self.config.min_fit_clients:
+        if self.usable < self.config.federation.min_fit_clients:
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         if arrays is None:  # e.g. client-level DP, which releases a round only with every sampled update

@@ -111,10 +111,10 @@ class SecureAggregator:
     def __init__(self, config: Config) -> None:
         self.workflow = SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled client holds a share of every other's secrets
-            reconstruction_threshold=config.secagg_threshold,
+            reconstruction_threshold=config.federation.secagg_threshold,
             max_weight=1.0,
-            clipping_range=config.secagg_update_bound,
-            timeout=config.round_timeout,
+            clipping_range=config.federation.secagg_update_bound,
+            timeout=config.federation.round_timeout,
         )
 
     def run(

@@ -18,7 +18,7 @@ class PlainExchange(Exchange):
         return True  # the fallback: registered last
 
     def train(self, grid: Grid, strategy: ScreenedStrategy, messages: list[Message], server_round: int) -> Trained:
-        replies = list(grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        replies = list(grid.send_and_receive(messages, timeout=self.config.federation.round_timeout))
         self.book.sent(messages)
         answered = [self.book.node_of(reply) for reply in replies]
         arrays, _ = strategy.aggregate_train(server_round, replies)

@@ -24,11 +24,11 @@ class SecureExchange(Exchange):
 
     @classmethod
     def applies(cls, config: Config) -> bool:
-        return config.secure_aggregation
+        return config.federation.secure_aggregation
 
     def train(self, grid: Grid, strategy: ScreenedStrategy, messages: list[Message], server_round: int) -> Trained:
         def stage(batch: list[Message]) -> list[Message]:
-            replies = list(grid.send_and_receive(batch, timeout=self.config.round_timeout))
+            replies = list(grid.send_and_receive(batch, timeout=self.config.federation.round_timeout))
             self.book.sent(batch)
             return replies
 
@@ -43,7 +43,7 @@ class SecureExchange(Exchange):
             "values_clipped": sum(int(m.get(protocol.SECAGG_CLIPPED, 0)) for m in metrics),
         }
         if summary["values_clipped"]:
-            bound = self.config.secagg_update_bound
+            bound = self.config.federation.secagg_update_bound
             log.warning("round %d: %d update values fell outside SecAgg+'s range [-%g, %g] and were clipped.",
                         server_round, summary["values_clipped"], bound, bound)  # fmt: skip
         return Trained(arrays, {"secure_aggregation": summary})

@@ -19,10 +19,10 @@ from fedtrain.strategies.registry import STREAMABLE
 class StreamedExchange(Exchange):
     @classmethod
     def applies(cls, config: Config) -> bool:
-        return config.strategy in STREAMABLE and not central_dp.uses_central_dp(config)
+        return config.strategy.name in STREAMABLE and not central_dp.uses_central_dp(config)
 
     def train(self, grid: Grid, strategy: ScreenedStrategy, messages: list[Message], server_round: int) -> Trained:
-        replies = stream_replies(grid, messages, timeout=self.config.round_timeout)
+        replies = stream_replies(grid, messages, timeout=self.config.federation.round_timeout)
         self.book.sent(messages)  # pushed: the messages carry their ids
         answered: list[int] = []
 
