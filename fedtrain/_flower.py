@@ -74,7 +74,7 @@ def run_superexec() -> None:
 # ---------------------------------------------------------------- the SuperNode's heartbeat
 
 
-def set_heartbeat(seconds: float) -> None:
+def set_heartbeat(seconds: int) -> None:
     """Every heartbeat a SuperNode of this process sends comes `seconds` apart."""
     from flwr.supercore import heartbeat
     from flwr.supernode import fleet_http_connection

@@ -236,7 +236,7 @@ def _label_key(value: object) -> str:
         except ValueError:
             return value
         return str(int(number)) if number.is_integer() else value
-    number = float(value)  # numpy numbers
+    number = float(value)  # type: ignore[arg-type]  # numpy numbers
     return str(int(number)) if number.is_integer() else repr(number)
 
 

@@ -48,7 +48,7 @@ def prepare(config: Config) -> tuple[Config, Dataset]:
         if len(shard) < 2:
             raise FedtrainError(f"client {pid} would get {len(shard)} samples; use fewer clients or more data.")
     resolve_device(config.training.device)
-    build_model(config.training.model, config.data.input_shape, config.data.num_classes, hidden=config.training.hidden)
+    build_model(config.training.model, source.input_shape, len(names), hidden=config.training.hidden)
     make_strategy(config)  # its name and parameters
     return config, simulation_test_set(config)
 

@@ -105,10 +105,8 @@ def _splits(key: tuple, data_path: str | None, partition_id: int | None) -> tupl
     if data_path is not None:
         shard, seed = load_shard(data_path, config), config.federation.seed
     else:
-        shard, seed = (
-            simulation_shard(config, int(partition_id)),
-            config.federation.seed * 1_000_003 + int(partition_id),
-        )
+        assert partition_id is not None  # a simulated node
+        shard, seed = simulation_shard(config, partition_id), config.federation.seed * 1_000_003 + partition_id
     train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
     return shard.subset(train_idx), shard.subset(held_idx), identify(shard.x, shard.y)
 
@@ -338,7 +336,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     settings = _settings(config, context)
     sent = protocol.sent_config(msg)
     if protocol.PROXIMAL_MU in sent:  # FedProx
-        settings = dataclasses.replace(settings, proximal_mu=float(sent[protocol.PROXIMAL_MU]))
+        settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))
     with failing_as("model mismatch"):
         model = _model_for(config, session.train, protocol.global_arrays(msg))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -346,7 +344,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     run_ledger = session.view.run_ledger(plan.delta, plan.accountant)
     result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device)
     entries = [result.entry]
-    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
+    metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
     if session.mode == "plain" or loss_release:
         losses, _ = per_example(model, session.train, device)
         released = session.release(losses[:, None], [loss_bound(session.num_classes)])
@@ -377,7 +375,7 @@ def handle_evaluate(msg: Message, context: Context, config: Config, setup: Clien
     losses, correct = per_example(model.to(device), session.held_out, device)
     released = session.release(np.stack([losses, correct], axis=1), [loss_bound(session.num_classes), 1.0])
     view = session.record([released.entry]) if released.entry is not None else session.view
-    metrics = {
+    metrics: protocol.Metrics = {
         protocol.NUM_EXAMPLES: count,
         protocol.EVAL_LOSS: float(released.means[0]),
         protocol.EVAL_LOSS + protocol.STD: float(released.std[0]),

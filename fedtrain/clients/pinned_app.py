@@ -23,9 +23,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CLIENT_APP_REF = "fedtrain.clients.app:app"

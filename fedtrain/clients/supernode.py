@@ -9,7 +9,7 @@ arguments. The names replaced are flwr 1.42's (fedtrain/_flower.py; tests/test_f
 
 from __future__ import annotations
 
-HEARTBEAT_INTERVAL = 10.0  # seconds; flwr.common.constant.HEARTBEAT_MIN_INTERVAL
+HEARTBEAT_INTERVAL = 10  # seconds; flwr.common.constant.HEARTBEAT_MIN_INTERVAL
 
 
 def main() -> None:

@@ -100,8 +100,8 @@ def agree(config: Config, data: Config, source: str) -> Config:
         )
     if config.data.label_column != data.data.label_column:
         raise FedtrainError(
-            f"the config's label_column {config.data.label_column!r} differs from {data.data.label_column!r}, which the "
-            f"clients' kits declare ({source}); use the config the kits were provisioned with."
+            f"the config's label_column {config.data.label_column!r} differs from {data.data.label_column!r}, "
+            f"which the clients' kits declare ({source}); use the config the kits were provisioned with."
         )
     return config.replace(
         input_shape=config.data.input_shape or data.data.input_shape,

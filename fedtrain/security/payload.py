@@ -73,13 +73,15 @@ def bytes_to_records(data: bytes) -> RecordDict:
 # ---------------------------------------------------------------- sealing messages
 
 
-def seal_content(content: RecordDict, key: bytes, associated_data: bytes, header: dict[str, int | str]) -> RecordDict:
+def seal_content(
+    content: RecordDict, key: bytes, associated_data: bytes, header: dict[str, int | float | str]
+) -> RecordDict:
     """The sealed form of `content`: one uint8 array, plus the readable header that the AAD binds."""
     envelope = seal(key, records_to_bytes(content), associated_data)
     return RecordDict(
         {
             SEALED: ArrayRecord({"envelope": Array(np.frombuffer(envelope, dtype=np.uint8))}),
-            HEADER: ConfigRecord(header),
+            HEADER: ConfigRecord(dict(header)),
         }
     )
 

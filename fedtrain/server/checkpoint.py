@@ -68,8 +68,8 @@ def _restore_strategy(strategy: Any, tensors: dict[str, torch.Tensor], meta: dic
     layers = _layers(strategy)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, tensor in tensors.items():
-        _, depth, attr, key = name.split("/", 3)
-        found.setdefault((int(depth), attr), {})[key] = tensor.numpy()
+        _, level, attr, key = name.split("/", 3)
+        found.setdefault((int(level), attr), {})[key] = tensor.numpy()
     for (depth, attr), values in found.items():
         if depth >= len(layers) or attr not in OPTIMIZER_STATE:
             raise FedtrainError(f"the checkpoint holds optimizer state {attr!r} this run's strategy does not have.")

@@ -69,4 +69,4 @@ def federated_evaluation(
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float:
-    return float(metrics[key]) if metrics is not None and key in metrics else NAN
+    return protocol.number(metrics[key]) if metrics is not None and key in metrics else NAN

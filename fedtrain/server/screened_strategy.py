@@ -91,7 +91,7 @@ class ScreenedStrategy(Strategy):
             if update is not None:
                 metrics = reply.content.metric_records[protocol.METRICS]
                 if self.streams:
-                    mean.add(update, float(metrics[protocol.NUM_EXAMPLES]))
+                    mean.add(update, protocol.number(metrics[protocol.NUM_EXAMPLES]))
                 else:
                     weights = ArrayRecord({k: Array(self.global_np[k] + update[k]) for k in self.global_np})
                     reply.content = RecordDict({protocol.ARRAYS: weights, protocol.METRICS: metrics})

@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from fedtrain import protocol
 from fedtrain._flower import (
     MAIN_CONFIGS_RECORD,
     MAIN_PARAMS_RECORD,
@@ -122,9 +123,9 @@ class SecureAggregator:
     ) -> SecureOutcome:
         """The four SecAgg+ stages for this round's train `messages`; their content is what each
         client trains on, sent (masking configs added) in the stage that collects masked vectors."""
-        grid = _StageGrid(exchange, node_of)
+        grid: Any = _StageGrid(exchange, node_of)  # what the workflow's stages use of a Grid
         stand_in = _LegacyStandIn([msg.metadata.dst_node_id for msg in messages])
-        context = SimpleNamespace(
+        context: Any = SimpleNamespace(  # what the stages use of a LegacyContext
             state=RecordDict(
                 {
                     MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
@@ -143,7 +144,7 @@ class SecureAggregator:
             completed = completed and stage(grid, context, state)
         outcome = SecureOutcome(collected=grid.collected, failed=grid.failed)
         for reply in grid.collected:
-            masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            masked = protocol.values(reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
             outcome.masked[node_of(reply)] = [bytes_to_ndarray(b) for b in masked]
         with np.errstate(divide="ignore", invalid="ignore"):
             completed = completed and self.workflow.unmask_stage(grid, context, state)

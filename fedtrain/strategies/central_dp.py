@@ -118,6 +118,11 @@ class _PrivateNoise:
     that state, and from it recompute, then subtract, the noise of every release."""
 
     _rng: np.random.Generator | None = None
+    # set by the Flower DP wrapper this is mixed into
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    clipped_count_stddev: float
 
     def _generator(self) -> np.random.Generator:
         if self._rng is None:

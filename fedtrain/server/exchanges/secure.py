@@ -39,8 +39,8 @@ class SecureExchange(Exchange):
                    if not r.has_error() and protocol.METRICS in r.content.metric_records]  # fmt: skip
         summary = {
             "contributors": outcome.contributors,
-            "updates_scaled": sum(int(m.get(protocol.SECAGG_SCALED, 0)) for m in metrics),
-            "values_clipped": sum(int(m.get(protocol.SECAGG_CLIPPED, 0)) for m in metrics),
+            "updates_scaled": sum(int(protocol.number(m.get(protocol.SECAGG_SCALED, 0))) for m in metrics),
+            "values_clipped": sum(int(protocol.number(m.get(protocol.SECAGG_CLIPPED, 0))) for m in metrics),
         }
         if summary["values_clipped"]:
             bound = self.config.federation.secagg_update_bound
