@@ -21,6 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check fedtrain tests
+	$(BIN)/mypy
 	scripts/loopback-only $(BIN)/python -m pytest --durations=12
 
 # Every benchmark with small settings, one table of verdicts (benchmarks/run.py); under 15 minutes on 2 cores.
@@ -30,6 +31,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check fedtrain tests
 	$(BIN)/ruff format --check fedtrain tests
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format fedtrain tests

@@ -58,14 +58,14 @@ def prepared_config(args: argparse.Namespace) -> Config:
         lr=args.lr,
     )
     source = load_source(config)
-    names = config.labels or source.class_names
+    names = config.data.labels or source.class_names
     return config.replace(labels=list(names), num_classes=len(names), input_shape=source.input_shape)
 
 
 def client_train_split(config: Config, pid: int):
     """A simulated client's training split, as fedtrain.clients.app._splits makes it."""
     shard = simulation_shard(config, pid)
-    train_idx, _ = holdout_split(len(shard), config.eval_fraction, config.seed * 1_000_003 + pid)
+    train_idx, _ = holdout_split(len(shard), config.data.eval_fraction, config.federation.seed * 1_000_003 + pid)
     return shard.subset(train_idx)
 
 
@@ -78,16 +78,32 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GPU: {torch.cuda.get_device_name(device)}")
 
     def new_model() -> torch.nn.Module:
-        return build_model(config.model, config.input_shape, config.num_classes, hidden=config.hidden, seed=config.seed)
+        return build_model(
+            config.training.model,
+            config.data.input_shape,
+            config.data.num_classes,
+            hidden=config.training.hidden,
+            seed=config.federation.seed,
+        )
 
-    settings = TrainSettings(config.batch_size, config.local_epochs, config.lr, config.momentum, config.max_grad_norm)
+    settings = TrainSettings(
+        config.training.batch_size,
+        config.training.local_epochs,
+        config.training.lr,
+        config.training.momentum,
+        config.privacy.max_grad_norm,
+    )
     clients = []
-    for pid in range(config.clients):
+    for pid in range(config.federation.clients):
         train = client_train_split(config, pid)
-        ledger = PrivacyLedger(delta=client_delta(len(train), config.delta), accountant=config.accountant)
+        ledger = PrivacyLedger(
+            delta=client_delta(len(train), config.privacy.delta), accountant=config.privacy.accountant
+        )
         plan = planned_round(len(train), settings, 1.0)
-        total_steps = plan.steps * config.rounds  # calibrated once for the whole run, as the ClientApp does
-        sigma = calibrate_noise(config.target_epsilon, ledger.delta, plan.sample_rate, total_steps, ledger.accountant)
+        total_steps = plan.steps * config.federation.rounds  # calibrated once for the whole run, as the ClientApp does
+        sigma = calibrate_noise(
+            config.privacy.target_epsilon, ledger.delta, plan.sample_rate, total_steps, ledger.accountant
+        )
         clients.append({"name": f"client-{pid}", "train": train, "ledger": ledger, "sigma": sigma})
         print(f"client-{pid}: {len(train)} training samples, noise multiplier {sigma:.3f}, delta {ledger.delta:.2g}")
 
@@ -95,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     server_model = new_model()  # the server keeps and evaluates the global model on the CPU, as fedtrain's does
     state = OrderedDict((k, v.detach().clone()) for k, v in server_model.state_dict().items())
     _, accuracy = evaluate(server_model, test_set, torch.device("cpu"))
-    print(f"round 0: test accuracy {accuracy:.3f} ({len(test_set)} samples), model {config.model}")
+    print(f"round 0: test accuracy {accuracy:.3f} ({len(test_set)} samples), model {config.training.model}")
 
-    for rnd in range(1, config.rounds + 1):
+    for rnd in range(1, config.federation.rounds + 1):
         started = time.perf_counter()
         updates, weights, epsilons = [], [], {}
         for client in clients:
@@ -126,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         eps = ", ".join(f"{name} {e}" for name, e in epsilons.items())
         seconds = time.perf_counter() - started
         print(f"round {rnd}: test accuracy {accuracy:.3f}, loss {loss:.3f}, {seconds:.1f}s; epsilon: {eps}")
-    print(f"OK: {config.rounds} rounds, {config.clients} clients, client parameters on {device.type}")
+    print(
+        f"OK: {config.federation.rounds} rounds, {config.federation.clients} clients, "
+        f"client parameters on {device.type}"
+    )
 
 
 if __name__ == "__main__":

@@ -152,8 +152,10 @@ class EncryptedInProcessGrid:
         self.config, self.keys, self.seconds = config, keys, 0.0
         self.mod = payload_encryption_mod(self._keys_for)
         self.contexts = {
-            pid + 1: Context(RUN_ID, pid + 1, {"partition-id": pid, "num-partitions": config.clients}, RecordDict(), {})
-            for pid in range(config.clients)
+            pid + 1: Context(
+                RUN_ID, pid + 1, {"partition-id": pid, "num-partitions": config.federation.clients}, RecordDict(), {}
+            )
+            for pid in range(config.federation.clients)
         }
 
     def _keys_for(self, context: Context) -> ClientKeys:
@@ -202,13 +204,15 @@ def round_shares(rounds: int, work: Path) -> list[dict]:
     config, test_set = prepare(
         Config(rounds=rounds, run_dir=str(work / "run"), key_file=str(key), target_epsilon=None, noise_multiplier=1.0)
     )
-    keys = PayloadKeys(generate_key(), {f"client-{pid}": generate_key() for pid in range(config.clients)})
+    keys = PayloadKeys(generate_key(), {f"client-{pid}": generate_key() for pid in range(config.federation.clients)})
     sealer, grid = TimedSealer(keys, RUN_ID), EncryptedInProcessGrid(config, keys)
     shares, crypto_before = [], 0.0
 
     def on_round(row: dict) -> None:
         nonlocal crypto_before
-        if row["clients_ok"] != config.clients:  # a round without every client would be cheaper: not a result
+        if (
+            row["clients_ok"] != config.federation.clients
+        ):  # a round without every client would be cheaper: not a result
             raise SystemExit(f"round {row['round']}: only {row['clients_ok']} clients trained: {row['failed']}")
         crypto = sealer.seconds + grid.seconds
         shares.append({"round": row["round"], "seconds": row["seconds"], "crypto_s": crypto - crypto_before})

@@ -109,26 +109,28 @@ def simulate(
     resolved = resolve(config, overrides)
     make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
     client_policy = ClientPolicy.load(policy) if policy is not None else None
-    path = resume if resume is not None else _new_run_dir(resolved.run_dir)
+    path = resume if resume is not None else _new_run_dir(resolved.deployment.run_dir)
     prepared = simulation.prepare(resolved)  # data, model, device: checked before a key or anything is created
-    model_key = load_model_key(resolved.key_file, create_local=resume is None)
+    model_key = load_model_key(resolved.deployment.key_file, create_local=resume is None)
     resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
     console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
     if resume is not None:
         from fedtrain.server.checkpoint import preflight
 
         done = preflight(resolved)
-        console.print(f"run directory: {path} (resuming after round {done} of {resolved.rounds})")
+        console.print(f"run directory: {path} (resuming after round {done} of {resolved.federation.rounds})")
     else:
         console.print(f"run directory: {path}")
 
     rows: list[dict[str, Any]] = earlier_rows(path) if resume is not None else []
-    client_level = resolved.central_dp != "off"
-    with Live(round_table(rows, resolved.rounds, client_level), console=console, refresh_per_second=4) as live:
+    client_level = resolved.privacy.central_dp != "off"
+    with Live(
+        round_table(rows, resolved.federation.rounds, client_level), console=console, refresh_per_second=4
+    ) as live:
 
         def on_round(row: dict[str, Any]) -> None:
             rows.append(row)
-            live.update(round_table(rows, resolved.rounds, client_level))
+            live.update(round_table(rows, resolved.federation.rounds, client_level))
 
         try:
             simulation.run(
@@ -323,7 +325,7 @@ def server(
     if resume is not None:
         config, run_dir = _resumed_config(resume, config, run_dir), str(resume)
     resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
-    path = resume if resume is not None else _new_run_dir(resolved.run_dir)
+    path = resume if resume is not None else _new_run_dir(resolved.deployment.run_dir)
     options = ServerOptions(
         kit,
         resolved,
@@ -342,7 +344,7 @@ def server(
     def on_round(row: dict[str, Any]) -> None:
         rows.append(row)
         console.print(
-            f"round {row['round']}/{resolved.rounds}: accuracy {fmt(row['accuracy'])}, max epsilon "
+            f"round {row['round']}/{resolved.federation.rounds}: accuracy {fmt(row['accuracy'])}, max epsilon "
             f"{fmt(row['epsilon_max'], 3)}, clients ok {row['clients_ok']}, refused {row['clients_refused']}, "
             f"failed {row['clients_failed']}"
             + (f", client-level epsilon {row['client_epsilon']:.3f}" if row.get("client_epsilon") is not None else ""),

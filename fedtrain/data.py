@@ -64,7 +64,7 @@ def load_shard(path: str | Path, config: Config, *, infer_labels: bool = False) 
     """Load one dataset file or image folder; every defect is a one-sentence FedtrainError.
 
     With `infer_labels`, string labels are numbered in sorted order (used once, by the
-    simulation, on the whole dataset); otherwise they must be listed in `config.labels`.
+    simulation, on the whole dataset); otherwise they must be listed in `config.data.labels`.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -76,7 +76,7 @@ def load_shard(path: str | Path, config: Config, *, infer_labels: bool = False) 
     elif path.suffix.lower() in (".pt", ".pth"):
         x, raw_labels = _read_pt(path)
     elif path.suffix.lower() == ".csv":
-        x, raw_labels = _read_csv(path, config.label_column)
+        x, raw_labels = _read_csv(path, config.data.label_column)
     else:
         raise FedtrainError(
             f"cannot read {path}: unknown format {path.suffix or '(no suffix)'}; "
@@ -236,7 +236,7 @@ def _label_key(value: object) -> str:
         except ValueError:
             return value
         return str(int(number)) if number.is_integer() else value
-    number = float(value)  # numpy numbers
+    number = float(value)  # type: ignore[arg-type]  # numpy numbers
     return str(int(number)) if number.is_integer() else repr(number)
 
 
@@ -245,26 +245,26 @@ def encode_labels(raw: np.ndarray, config: Config, source: str, *, infer: bool) 
     raw = np.asarray(raw).reshape(-1)
     keys = [_label_key(v) for v in raw.tolist()]
     fraction = next((k for k in keys if _is_fraction(k)), None)
-    if fraction is not None and fraction not in (config.labels or []):
+    if fraction is not None and fraction not in (config.data.labels or []):
         raise FedtrainError(
             f"label {fraction} in {source} is not a whole number; class labels are 0, 1, 2, ... "
             "(or names listed in labels): fix the data."
         )
-    if config.labels:
-        index = {name: i for i, name in enumerate(config.labels)}
+    if config.data.labels:
+        index = {name: i for i, name in enumerate(config.data.labels)}
         unknown = next((k for k in keys if k not in index), None)
         if unknown is not None:
             raise FedtrainError(
                 f"label {unknown!r} in {source} is not one of the configured labels "
-                f"({', '.join(config.labels)}); add it to labels or fix the data."
+                f"({', '.join(config.data.labels)}); add it to labels or fix the data."
             )
-        return np.asarray([index[k] for k in keys], dtype=np.int64), list(config.labels)
+        return np.asarray([index[k] for k in keys], dtype=np.int64), list(config.data.labels)
     if all(_is_int(k) for k in keys):
         ids = np.asarray([int(k) for k in keys], dtype=np.int64)
-        if infer and config.num_classes is None:  # simulation: number the classes present, in order
+        if infer and config.data.num_classes is None:  # simulation: number the classes present, in order
             names = [str(v) for v in sorted(set(ids.tolist()))]
             return _renumber(ids, names), names
-        count = config.num_classes or int(ids.max()) + 1
+        count = config.data.num_classes or int(ids.max()) + 1
         bad = ids[(ids < 0) | (ids >= count)]
         if bad.size:
             raise FedtrainError(
@@ -319,10 +319,10 @@ def check_client_shard(path: str | Path, declared: Config | None) -> Dataset:
             )
         return shard
     shard = load_shard(path, declared)
-    if declared.input_shape and shard.input_shape != list(declared.input_shape):
+    if declared.data.input_shape and shard.input_shape != list(declared.data.input_shape):
         raise FedtrainError(
             f"samples in {path} have shape {shard.input_shape}, but this federation's model takes "
-            f"{list(declared.input_shape)} (the kit's federation.toml); give a shard of that shape."
+            f"{list(declared.data.input_shape)} (the kit's federation.toml); give a shard of that shape."
         )
     return shard
 
@@ -334,6 +334,6 @@ def _renumber(ids: np.ndarray, names: list[str]) -> np.ndarray:
 
 def load_source(config: Config) -> Dataset:
     """The whole dataset a simulation splits: a built-in name or a file/folder."""
-    if config.data in BUILTIN:
-        return load_builtin(config.data)
-    return load_shard(config.data, config, infer_labels=config.labels is None)
+    if config.data.source in BUILTIN:
+        return load_builtin(config.data.source)
+    return load_shard(config.data.source, config, infer_labels=config.data.labels is None)

@@ -21,7 +21,7 @@ def read_bytes(path: str | Path, what: str, missing_hint: str) -> bytes:
         raise FedtrainError(f"cannot read {what} {path} ({exc.strerror}).") from None
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview, mode: int = 0o644) -> Path:
     """Write `data` to `path` via temp file + fsync + rename (+ fsync of the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,15 +59,15 @@ def dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int, 
 
 
 def partition(dataset: Dataset, config: Config) -> list[np.ndarray]:
-    """Split the (training part of a) dataset into `config.clients` shards."""
-    if len(dataset) < 2 * config.clients:
+    """Split the (training part of a) dataset into `config.federation.clients` shards."""
+    if len(dataset) < 2 * config.federation.clients:
         raise FedtrainError(
-            f"{len(dataset)} training samples cannot feed {config.clients} clients (at least 2 each); "
+            f"{len(dataset)} training samples cannot feed {config.federation.clients} clients (at least 2 each); "
             "use fewer clients or more data."
         )
-    if config.partition == "iid":
-        return iid(len(dataset), config.clients, config.seed)
-    return dirichlet(dataset.y, config.clients, config.alpha, config.seed)
+    if config.data.partition == "iid":
+        return iid(len(dataset), config.federation.clients, config.federation.seed)
+    return dirichlet(dataset.y, config.federation.clients, config.data.alpha, config.federation.seed)
 
 
 def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +84,7 @@ def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndar
 def _simulation_split(key: tuple) -> tuple[Dataset, Dataset, tuple[np.ndarray, ...]]:
     config = Config.from_run_config(dict(key))
     source = load_source(config)
-    train_idx, test_idx = test_split(source, config.test_fraction, config.seed)
+    train_idx, test_idx = test_split(source, config.data.test_fraction, config.federation.seed)
     train = source.subset(train_idx)
     return train, source.subset(test_idx), tuple(partition(train, config))
 

@@ -88,6 +88,25 @@ REPLY_FIELDS: dict[tuple[str, str], str] = {
 }
 
 
+# ---------------------------------------------------------------- record values
+
+Metrics = dict[str, int | float | list[int] | list[float]]  # what a client's metrics record holds
+
+
+def number(value: object) -> float:
+    """A record value that must be a number; raises ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
+
+
+def values(value: object) -> list:
+    """A record value that must be a list; raises ValueError for anything else."""
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list")
+    return value
+
+
 # ---------------------------------------------------------------- the privacy record
 
 
@@ -124,7 +143,7 @@ def privacy_record(report: PrivacyReport) -> ConfigRecord:
 
 def read_privacy(record: ConfigRecord) -> PrivacyReport:
     """Parse a privacy record; raises ValueError when it is malformed."""
-    columns = [list(record.get(name, [])) for name in LEDGER_COLUMNS]
+    columns = [values(record.get(name, [])) for name in LEDGER_COLUMNS]
     if len({len(c) for c in columns}) != 1:
         raise ValueError("ledger columns of different lengths")
     entries = [
@@ -133,7 +152,7 @@ def read_privacy(record: ConfigRecord) -> PrivacyReport:
     ]
     ledger = PrivacyLedger.from_dict({"accountant": record.get(ACCOUNTANT, "prv"), "delta": record[DELTA]})
     ledger.entries = entries
-    eps = float(record[EPSILON])
+    eps = number(record[EPSILON])
     lifetime = record.get(LIFETIME_EPSILON)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"epsilon {eps} is not a finite, non-negative number")
@@ -141,7 +160,7 @@ def read_privacy(record: ConfigRecord) -> PrivacyReport:
         str(record.get(CLIENT_ID, "")),
         ledger,
         eps,
-        None if lifetime is None else float(lifetime),
+        None if lifetime is None else number(lifetime),
         str(record.get(METRICS_MODE, "private")),
     )
 
@@ -149,13 +168,13 @@ def read_privacy(record: ConfigRecord) -> PrivacyReport:
 # ---------------------------------------------------------------- client replies
 
 
-def update_reply(msg: Message, update: ArrayRecord, metrics: dict[str, float], report: PrivacyReport) -> Message:
+def update_reply(msg: Message, update: ArrayRecord, metrics: Metrics, report: PrivacyReport) -> Message:
     """A train reply: the update d, the public count and released metrics, the privacy record."""
     content = RecordDict({ARRAYS: update, METRICS: MetricRecord(metrics), PRIVACY: privacy_record(report)})
     return Message(content, reply_to=msg)
 
 
-def metrics_reply(msg: Message, metrics: dict[str, float], report: PrivacyReport | None) -> Message:
+def metrics_reply(msg: Message, metrics: Metrics, report: PrivacyReport | None) -> Message:
     """An evaluate reply: the public count and the released metrics (and the ledger that paid for them)."""
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if report is not None:
@@ -214,7 +233,7 @@ def read_reply(msg: Message) -> Reply:
 
 def global_arrays(msg: Message) -> ArrayRecord:
     """The global weights a server message carries."""
-    return msg.content[ARRAYS]
+    return msg.content.array_records[ARRAYS]
 
 
 def sent_config(msg: Message) -> ConfigRecord:

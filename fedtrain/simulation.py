@@ -41,23 +41,23 @@ def prepare(config: Config) -> tuple[Config, Dataset]:
     Returns the completed config (so every client numbers labels the same way) and the global test set.
     """
     source = load_source(config)
-    names = config.labels or source.class_names
+    names = config.data.labels or source.class_names
     config = config.replace(labels=list(names), num_classes=len(names), input_shape=source.input_shape)
-    shards = [simulation_shard(config, pid) for pid in range(config.clients)]
+    shards = [simulation_shard(config, pid) for pid in range(config.federation.clients)]
     for pid, shard in enumerate(shards):
         if len(shard) < 2:
             raise FedtrainError(f"client {pid} would get {len(shard)} samples; use fewer clients or more data.")
-    resolve_device(config.device)
-    build_model(config.model, config.input_shape, config.num_classes, hidden=config.hidden)
+    resolve_device(config.training.device)
+    build_model(config.training.model, source.input_shape, len(names), hidden=config.training.hidden)
     make_strategy(config)  # its name and parameters
     return config, simulation_test_set(config)
 
 
 def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
     """Ray on this machine only, one CPU per simulated client, quiet, its files in `ray_dir`."""
-    cpus = max(1, min(os.cpu_count() or 1, config.clients))
+    cpus = max(1, min(os.cpu_count() or 1, config.federation.clients))
     gpu_count = 0
-    if resolve_device(config.device).type == "cuda":
+    if resolve_device(config.training.device).type == "cuda":
         import torch
 
         gpu_count = torch.cuda.device_count()
@@ -79,7 +79,7 @@ def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
 def _simulation_keys(config: Config) -> tuple[PayloadKeys, Callable[[Context], ClientKeys]]:
     """Fresh in-memory payload keys for one simulated federation: never written to disk."""
     federation = generate_key()
-    uplink = {f"client-{pid}": generate_key() for pid in range(config.clients)}
+    uplink = {f"client-{pid}": generate_key() for pid in range(config.federation.clients)}
 
     def keys_for(context: Context) -> ClientKeys:
         name = f"client-{int(context.node_config['partition-id'])}"
@@ -123,7 +123,7 @@ def run(
 
     described, test_set = prepared if prepared is not None else prepare(config)
     config = config.replace(
-        labels=described.labels, num_classes=described.num_classes, input_shape=described.input_shape
+        labels=described.data.labels, num_classes=described.data.num_classes, input_shape=described.data.input_shape
     )
     rows: list[dict[str, Any]] = []
 
@@ -132,12 +132,12 @@ def run(
         if on_round is not None:
             on_round(row)
 
-    payload_keys, keys_for = _simulation_keys(config) if config.payload_encryption else (None, None)
+    payload_keys, keys_for = _simulation_keys(config) if config.deployment.payload_encryption else (None, None)
     server_app = build_server_app(config, test_set=test_set, on_round=record, payload_keys=payload_keys, resume=resume)
     # Simulated clients keep their ledgers sealed under the run's model key in the run directory, so a
     # resume continues them.
     client_app = build_client_app(
-        config, keys_for=keys_for, ledger_key=load_model_key(config.key_file).key, policy=policy
+        config, keys_for=keys_for, ledger_key=load_model_key(config.deployment.key_file).key, policy=policy
     )
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -148,12 +148,14 @@ def run(
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
-                num_supernodes=config.clients,
+                num_supernodes=config.federation.clients,
                 backend_config=backend_config(config, ray_dir),
             )
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-    if not (Path(str(config.run_dir)) / MODEL_FILE).exists():  # Flower logs a ServerApp's error and returns
+    if not (Path(str(config.deployment.run_dir)) / MODEL_FILE).exists():  # Flower logs a ServerApp's error and returns
         last = rows[-1]["round"] if rows else "no"
-        raise FedtrainError(f"the simulation stopped after {last} round(s) of {config.rounds}; see the log above.")
+        raise FedtrainError(
+            f"the simulation stopped after {last} round(s) of {config.federation.rounds}; see the log above."
+        )
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ def state_dict_to_bytes(state: dict[str, torch.Tensor], meta: dict | None = None
     buffer = io.BytesIO()
     arrays = {name: tensor.detach().cpu().numpy() for name, tensor in state.items()}
     extra = {META: np.array(json.dumps(meta or {}), dtype=np.str_)}
-    np.savez(buffer, **{ORDER: np.array(list(arrays), dtype=np.str_)}, **extra, **arrays)
+    members: dict[str, Any] = {ORDER: np.array(list(arrays), dtype=np.str_), **extra, **arrays}
+    np.savez(buffer, **members)
     return buffer.getvalue()
 
 

@@ -79,7 +79,11 @@ def provision_clients(tmp_path: Path, count: int, size: int = 300) -> list[Clien
 
 def initial_weights(config: Config, seed: int = 0) -> dict[str, torch.Tensor]:
     return build_model(
-        config.model, config.input_shape, len(config.labels), hidden=config.hidden, seed=seed
+        config.training.model,
+        config.data.input_shape,
+        len(config.data.labels),
+        hidden=config.training.hidden,
+        seed=seed,
     ).state_dict()
 
 

@@ -75,8 +75,10 @@ class AppGrid(LocalGrid):
     def restart(self) -> None:
         """Every node loses its in-memory state, as after a crash of the whole simulation."""
         self.contexts = {
-            pid + 1: Context(1, pid + 1, {"partition-id": pid, "num-partitions": self.config.clients}, RecordDict(), {})
-            for pid in range(self.config.clients)
+            pid + 1: Context(
+                1, pid + 1, {"partition-id": pid, "num-partitions": self.config.federation.clients}, RecordDict(), {}
+            )
+            for pid in range(self.config.federation.clients)
         }
 
     def get_node_ids(self) -> list[int]:

@@ -240,7 +240,7 @@ def test_server_takes_the_model_description_from_its_kit(kits, tmp_path) -> None
     kit = kits["declared"] / "server"
     checked = check_server_kit(kit, None)
     config = deployment_config(ServerOptions(kit, Config(rounds=1)), tmp_path / "run", checked.data)
-    assert config.input_shape == [1, 8, 8] and config.num_classes == 10
+    assert config.data.input_shape == [1, 8, 8] and config.data.num_classes == 10
     assert checked.unlocked is None  # not protected: Flower reads the kit's own file
 
 
@@ -256,7 +256,7 @@ def test_provision_records_the_declared_data_in_every_kit(tmp_path, capsys) -> N
     assert code == 0, err
     for party in ("server", "client-1", "client-2"):
         data = read_data_file(out / party)
-        assert (data.input_shape, data.labels, data.num_classes, data.label_column) == (
+        assert (data.data.input_shape, data.data.labels, data.data.num_classes, data.data.label_column) == (
             [4],
             ["cat", "dog"],
             2,

@@ -12,22 +12,22 @@ def test_cli_overrides_file_which_overrides_defaults(tmp_path) -> None:
     path = tmp_path / "run.toml"
     path.write_text('rounds = 7\nclients = 3\nmodel = "cnn"\n')
     config = resolve(path, {"rounds": 2, "clients": None})
-    assert (config.rounds, config.clients, config.model) == (2, 3, "cnn")
-    assert config.batch_size == Config().batch_size
+    assert (config.federation.rounds, config.federation.clients, config.training.model) == (2, 3, "cnn")
+    assert config.training.batch_size == Config().training.batch_size
 
 
 def test_dashed_keys_and_a_fedtrain_table_are_accepted(tmp_path) -> None:
     path = tmp_path / "run.toml"
     path.write_text("[fedtrain]\nbatch-size = 16\n")
-    assert resolve(path, {}).batch_size == 16
+    assert resolve(path, {}).training.batch_size == 16
 
 
 def test_choosing_noise_multiplier_switches_off_the_target(tmp_path) -> None:
-    assert resolve(None, {"noise_multiplier": 1.1}).target_epsilon is None
+    assert resolve(None, {"noise_multiplier": 1.1}).privacy.target_epsilon is None
     path = tmp_path / "run.toml"
     path.write_text("noise_multiplier = 0.8\n")
-    assert resolve(path, {}).target_epsilon is None
-    assert resolve(path, {"target_epsilon": 2.0}).noise_multiplier is None
+    assert resolve(path, {}).privacy.target_epsilon is None
+    assert resolve(path, {"target_epsilon": 2.0}).privacy.noise_multiplier is None
 
 
 def test_run_config_round_trip() -> None:
@@ -71,3 +71,46 @@ def test_resolved_config_toml_reloads_identically(tmp_path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(config.to_toml())
     assert resolve(path, {}) == config
+
+
+def test_sections_in_a_file_and_flat_keys_are_the_same_config(tmp_path) -> None:
+    sectioned = tmp_path / "sections.toml"
+    sectioned.write_text(
+        '[data]\nsource = "digits"\neval_fraction = 0.1\n[strategy]\nname = "fedadam"\n'
+        '[privacy]\ntarget_epsilon = 2.0\nmetrics = "none"\n[training]\nlr = 0.3\n'
+    )
+    flat = tmp_path / "flat.toml"
+    flat.write_text('data = "digits"\neval_fraction = 0.1\nstrategy = "fedadam"\ntarget_epsilon = 2.0\n'
+                    'metrics = "none"\nlr = 0.3\n')  # fmt: skip
+    config = resolve(sectioned, {})
+    assert config == resolve(flat, {})
+    assert (config.strategy.name, config.privacy.metrics, config.training.lr) == ("fedadam", "none", 0.3)
+    written = tmp_path / "written.toml"
+    written.write_text(config.to_toml())  # the resolved config is written in sections, and reads back
+    assert "[privacy]" in written.read_text() and resolve(written, {}) == config
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[privacy]\nrounds = 3", "has no option 'rounds' in \\[privacy\\]"),
+        ("[privacy]\nmetrics = 'loud'", "metrics must be one of none, private, plain"),
+        ("[training]\nbatch_size = 2.5", "batch_size in .* must be a whole number"),
+        ("[data]\nlabels = 'a'", "labels in .* must be a list"),
+    ],
+)
+def test_bad_sections(tmp_path, content: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(FedtrainError, match=message):
+        resolve(path, {})
+
+
+def test_options_are_typed_from_their_hints() -> None:
+    from typing import get_args, get_type_hints
+
+    from fedtrain.config import METRICS_MODES, PrivacyConfig
+
+    assert get_args(get_type_hints(PrivacyConfig)["metrics"]) == METRICS_MODES
+    with pytest.raises(FedtrainError, match="accountant must be one of prv, rdp, not 'moments'"):
+        Config(accountant="moments").validate()

@@ -104,12 +104,12 @@ def digits_run(tmp_path, **options) -> tuple[Config, object]:
 
 def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeypatch) -> None:
     config, test_set = digits_run(tmp_path, clients=100, rounds=6, lr=2.0, min_fit_clients=50)
-    faults = FaultyClients(config.clients, 0.3, SEED)
+    faults = FaultyClients(config.federation.clients, 0.3, SEED)
     rows = Federation(config, test_set=test_set, on_round=lambda row: None).run(
         faulty_grid(config, faults, monkeypatch)
     )
 
-    assert len(rows) == config.rounds, f"seed {SEED}"
+    assert len(rows) == config.federation.rounds, f"seed {SEED}"
     for row in rows:
         planned = faults.plan[row["round"]]
         context = f"seed {SEED}, round {row['round']}"
@@ -119,7 +119,7 @@ def test_hundred_clients_thirty_percent_failing_in_random_ways(tmp_path, monkeyp
             name = f"client-{node - 1}" if f"client-{node - 1}" in row["failed"] else f"node-{node}"
             assert REASONS[kind] in row["failed"][name], (context, node, kind, row["failed"])
     summary = failure_summary(rows)  # what `fedtrain simulate` prints at the end
-    assert len(summary) == config.rounds
+    assert len(summary) == config.federation.rounds
     for line, row in zip(summary, rows, strict=True):
         assert all(REASONS[kind] in line for kind in faults.plan[row["round"]].values()), line
     run_files = " ".join(p.read_text(errors="replace") for p in (tmp_path / "run").glob("*.json"))

@@ -112,7 +112,7 @@ def checkpointed(tmp_path_factory):
     config = controlled(tmp_path_factory.mktemp("ckpt"), rounds=3)
     with flower_task(), contextlib.suppress(Killed):
         Federation(config, on_round=kill_after(1)).run(ControlledGrid())
-    path = Path(config.run_dir) / "checkpoint.ftenc"
+    path = Path(config.deployment.run_dir) / "checkpoint.ftenc"
     return config, path, path.read_bytes()
 
 
@@ -148,7 +148,7 @@ def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, f
     from fedtrain.tensors import state_dict_to_bytes
 
     config, path, original = checkpointed
-    key = load_model_key(config.key_file).key
+    key = load_model_key(config.deployment.key_file).key
     run_id = json.loads((path.parent / "run.json").read_text())["run_id"]
     tensors, meta = load_model(path, key, run_id, "checkpoint")
     meta[field] = value
@@ -164,19 +164,40 @@ def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, f
 
 
 @settings(max_examples=1000, deadline=None)
-@given(meta=_JSON, arrays=st.integers(0, 3))
-def test_malformed_message_records_are_refused_clearly(meta, arrays: int) -> None:
-    """A payload that decrypts (its sender holds a key) but whose records are nonsense."""
+@given(
+    dtype=st.sampled_from(["<f4", "<i8", "|O", "<U3", "garbage", ""]),
+    shape=st.lists(st.integers(-2, 5), max_size=4),
+    stype=st.sampled_from(["numpy.ndarray", "torch.tensor", ""]),
+    data=st.binary(max_size=256),
+    well_formed=st.booleans(),
+)
+def test_malformed_message_records_are_refused_clearly(dtype, shape, stype, data, well_formed) -> None:
+    """A payload that decrypts (its sender holds a key) but whose records are nonsense: arrays whose
+    declared dtype, shape or type disagree with their bytes, or bytes that are a real .npy of another
+    shape or of Python objects. Parsed, and every array decoded, or refused with one sentence."""
     import io
 
     import numpy as np
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from fedtrain.security.payload import bytes_to_records
 
-    buffer = io.BytesIO()
-    np.savez(buffer, __meta__=np.array(json.dumps(meta)), **{f"a{i}": np.zeros(2) for i in range(arrays)})
+    if well_formed:  # a real .npy (of another shape, or of objects) behind the declared header
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros(3) if dtype != "|O" else np.array([None], dtype=object), allow_pickle=True)
+        data = buffer.getvalue()
+    proto = ProtoRecordDict()
+    item = proto.items.add()
+    item.key = "arrays"
+    array_item = item.array_record.items.add()
+    array_item.key = "w"
+    array_item.value.dtype, array_item.value.stype, array_item.value.data = dtype, stype, data
+    array_item.value.shape.extend(shape)
     with contextlib.suppress(FedtrainError):
-        bytes_to_records(buffer.getvalue())
+        content = bytes_to_records(proto.SerializeToString())
+        for record in content.array_records.values():  # what bytes_to_records let through decodes
+            for array in record.values():
+                array.numpy()
 
 
 @settings(max_examples=1000, deadline=None)

@@ -22,7 +22,7 @@ from tests.test_strategies import ControlledGrid, task_identity  # noqa: F401 (f
 def finished(tmp_path):
     config = controlled(tmp_path, rounds=2)
     Federation(config, on_round=lambda row: None).run(ControlledGrid())
-    return config, Path(config.run_dir)
+    return config, Path(config.deployment.run_dir)
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
@@ -31,7 +31,7 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 
 def test_rotation_reseals_every_file_under_the_new_key(finished, tmp_path) -> None:
     config, run_dir = finished
-    old, new_path = load_model_key(config.key_file), write_key_file(tmp_path / "new.key", generate_key())
+    old, new_path = load_model_key(config.deployment.key_file), write_key_file(tmp_path / "new.key", generate_key())
     before = _files(run_dir)
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     rotated = key_rotation.rotate_run_key(run_dir, old, load_model_key(str(new_path)))
@@ -57,7 +57,7 @@ def test_a_wrong_old_key_changes_nothing(finished, tmp_path) -> None:
 
 def test_an_interrupted_rotation_is_finished_by_running_it_again(finished, tmp_path, monkeypatch) -> None:
     config, run_dir = finished
-    old = load_model_key(config.key_file)
+    old = load_model_key(config.deployment.key_file)
     new = load_model_key(str(write_key_file(tmp_path / "new.key", generate_key())))
     real, written = key_rotation.write_encrypted, []
 
@@ -81,10 +81,10 @@ def test_cli_rotation_then_resume_and_export_use_the_new_key(tmp_path, capsys) -
     with pytest.raises(Killed):
         Federation(config, on_round=kill_after(2)).run(ControlledGrid())
     new_key = tmp_path / "rotated.key"
-    code, out, err = run_cli(["rotate-key", config.run_dir, "--new-key-file", str(new_key)], capsys)
+    code, out, err = run_cli(["rotate-key", config.deployment.run_dir, "--new-key-file", str(new_key)], capsys)
     assert code == 0, err
     assert "re-encrypted 1 files" in out and new_key.exists()
     resumed = config.replace(key_file=str(new_key))
     Federation(resumed, on_round=lambda row: None, resume=True).run(ControlledGrid())
-    code, out, err = run_cli(["export", config.run_dir, "--out", str(tmp_path / "plain.pt")], capsys)
+    code, out, err = run_cli(["export", config.deployment.run_dir, "--out", str(tmp_path / "plain.pt")], capsys)
     assert code == 0, err  # the run's config.toml now names the new key

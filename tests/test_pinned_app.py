@@ -62,18 +62,6 @@ def test_bytes_that_are_not_an_archive_are_refused() -> None:
         check_fab(b"PK\x03\x04 broken")
 
 
-def test_the_hooks_still_exist_in_flower() -> None:
-    """The pinned runtime replaces these names in flwr; an upgrade that moves them must fail here."""
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
-    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
-    from flwr.supernode.runtime import run_clientapp
-
-    assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == "flwr-clientapp"
-    assert TaskType.CLIENT_APP in AutoExecPlugin.supported_task_types
-    assert callable(run_clientapp.install_from_fab) and callable(run_clientapp.get_load_client_app_fn)
-    assert Path(sys.executable).with_name("fedtrain-clientapp").exists()
-
-
 EVIL_SERVER = """
 import json, os
 from flwr.app import Message, RecordDict

@@ -47,7 +47,7 @@ def _held_out_truth(client: Client, config, held: int) -> np.ndarray:
     from fedtrain.partition import holdout_split
 
     labels = _labels(client)
-    _, held_idx = holdout_split(len(labels), config.eval_fraction, config.seed)
+    _, held_idx = holdout_split(len(labels), config.data.eval_fraction, config.federation.seed)
     assert len(held_idx) == held
     return np.bincount(labels[held_idx], minlength=10)
 

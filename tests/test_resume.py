@@ -147,7 +147,7 @@ def test_resume_with_another_key_is_refused(interrupted, tmp_path) -> None:
 
 
 def test_resume_of_a_tampered_checkpoint_is_refused(interrupted) -> None:
-    path = Path(interrupted.run_dir) / "checkpoint.ftenc"
+    path = Path(interrupted.deployment.run_dir) / "checkpoint.ftenc"
     blob = bytearray(path.read_bytes())
     blob[-5] ^= 1
     path.write_bytes(bytes(blob))
@@ -163,7 +163,7 @@ def test_a_finished_run_is_not_resumed(tmp_path) -> None:
 
 
 def test_cli_resume_refusals_are_one_sentence(interrupted, tmp_path, capsys) -> None:
-    run_dir = interrupted.run_dir
+    run_dir = interrupted.deployment.run_dir
     code, _, err = run_cli(["simulate", "--resume", run_dir, "--lr", "0.2"], capsys)
     assert code == 2 and "another configuration" in err and "Traceback" not in err
     code, _, err = run_cli(["simulate", "--resume", str(tmp_path / "nothing")], capsys)
@@ -186,4 +186,4 @@ def test_a_deployment_server_resumes_when_its_run_config_says_so(interrupted, tm
     grid = ControlledGrid()
     build_server_app()(grid, Context(1, 0, {}, RecordDict(), run_config))
     assert sorted(grid.sent) == [3, 4, 5]  # rounds 1 and 2 were done before the interruption
-    assert len(json.loads((Path(interrupted.run_dir) / "metrics.json").read_text())) == 5
+    assert len(json.loads((Path(interrupted.deployment.run_dir) / "metrics.json").read_text())) == 5

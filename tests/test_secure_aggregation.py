@@ -112,7 +112,7 @@ def test_server_sees_only_masked_vectors_and_their_mean_is_the_plain_mean(tmp_pa
     assert [row["secure_aggregation"]["values_clipped"] for row in rows] == [0, 0]
     masked = [(node, c) for node, c in grid.wire if RECORD_KEY_CONFIGS in c.config_records
               and Key.MASKED_PARAMETERS in c.config_records[RECORD_KEY_CONFIGS]]  # fmt: skip
-    assert len(masked) == CLIENTS * config.rounds
+    assert len(masked) == CLIENTS * config.federation.rounds
     for _, content in grid.wire:  # not one plain array reaches the server, in any stage
         assert all(len(record) == 0 for record in content.array_records.values())
     for index, (node, content) in enumerate(masked):

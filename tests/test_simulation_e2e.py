@@ -271,7 +271,7 @@ def test_payload_encryption_puts_only_ciphertext_on_the_wire(tmp_path, capsys, m
 
     # The initial global model (seeded) never crossed the wire in plaintext, nor did the final one.
     config = Config(model="logistic")
-    initial = build_model(config.model, [1, 8, 8], 10, seed=config.seed).state_dict()
+    initial = build_model(config.training.model, [1, 8, 8], 10, seed=config.federation.seed).state_dict()
     final = _export(run_dir, capsys)
     needles = [t.numpy().astype(np.float32).tobytes()[:32] for t in [*initial.values(), *final.values()]]
     assert len(wire) >= 3 * 3 * 4  # 3 rounds x 3 clients x (train, reply, evaluate, reply)

@@ -242,8 +242,10 @@ class InProcessFederation(LocalGrid):
 
         self.config, self.attacker, self.attack = config, attacker, attack
         self.contexts = {
-            pid + 1: Context(1, pid + 1, {"partition-id": pid, "num-partitions": config.clients}, RecordDict(), {})
-            for pid in range(config.clients)
+            pid + 1: Context(
+                1, pid + 1, {"partition-id": pid, "num-partitions": config.federation.clients}, RecordDict(), {}
+            )
+            for pid in range(config.federation.clients)
         }
 
     def get_node_ids(self) -> list[int]:

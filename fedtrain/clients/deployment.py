@@ -194,7 +194,7 @@ def _supervise(
     stop_after: float | None,
     session: Path,
 ) -> None:
-    started, announced, refusals = time.monotonic(), False, set()
+    started, announced, refusals = time.monotonic(), False, set[str]()
     while True:
         log = node.log_tail(80)
         if not announced and "SuperNode ID" in log:

@@ -92,4 +92,4 @@ def set_empty_grad_samples(model: nn.Module) -> None:
     """
     for p in model.parameters():
         if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]

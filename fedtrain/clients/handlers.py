@@ -103,10 +103,11 @@ def guarded(handler: Callable[..., Message]) -> Callable[..., Message]:
 def _splits(key: tuple, data_path: str | None, partition_id: int | None) -> tuple[Dataset, Dataset, ShardIdentity]:
     config = Config.from_run_config(dict(key))
     if data_path is not None:
-        shard, seed = load_shard(data_path, config), config.seed
+        shard, seed = load_shard(data_path, config), config.federation.seed
     else:
-        shard, seed = simulation_shard(config, int(partition_id)), config.seed * 1_000_003 + int(partition_id)
-    train_idx, held_idx = holdout_split(len(shard), config.eval_fraction, seed)
+        assert partition_id is not None  # a simulated node
+        shard, seed = simulation_shard(config, partition_id), config.federation.seed * 1_000_003 + partition_id
+    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
     return shard.subset(train_idx), shard.subset(held_idx), identify(shard.x, shard.y)
 
 
@@ -123,12 +124,12 @@ def client_data(config: Config, context: Context) -> tuple[Dataset, Dataset, Sha
 
 def _device(config: Config, context: Context) -> torch.device:
     """A real node may choose its own device (`fedtrain client --device`); otherwise the run's."""
-    return resolve_device(str(context.node_config.get("device", config.device)))
+    return resolve_device(str(context.node_config.get("device", config.training.device)))
 
 
 def _model_for(config: Config, data: Dataset, arrays: ArrayRecord) -> torch.nn.Module:
-    num_classes = config.num_classes or len(config.labels or []) or data.num_classes
-    model = build_model(config.model, data.input_shape, num_classes, hidden=config.hidden)
+    num_classes = config.data.num_classes or len(config.data.labels or []) or data.num_classes
+    model = build_model(config.training.model, data.input_shape, num_classes, hidden=config.training.hidden)
     try:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -142,14 +143,14 @@ def _model_for(config: Config, data: Dataset, arrays: ArrayRecord) -> torch.nn.M
 
 def _settings(config: Config, context: Context) -> TrainSettings:
     return TrainSettings(
-        config.batch_size,
-        config.local_epochs,
-        config.lr,
-        config.momentum,
-        config.max_grad_norm,
+        config.training.batch_size,
+        config.training.local_epochs,
+        config.training.lr,
+        config.training.momentum,
+        config.privacy.max_grad_norm,
         # a real node may set its own (`fedtrain client --max-physical-batch-size`): its GPU, its memory
         max_physical_batch_size=int(context.node_config.get("max-physical-batch-size", 0))
-        or config.max_physical_batch_size,
+        or config.training.max_physical_batch_size,
     )
 
 
@@ -179,11 +180,11 @@ class Session:
 
     @property
     def mode(self) -> str:
-        return self.config.metrics
+        return self.config.privacy.metrics
 
     @property
     def num_classes(self) -> int:
-        return self.config.num_classes or len(self.config.labels or []) or self.train.num_classes
+        return self.config.data.num_classes or len(self.config.data.labels or []) or self.train.num_classes
 
     def release_entry(self) -> list[LedgerEntry]:
         """The ledger entry one private metric release costs (none unless metrics are private)."""
@@ -250,27 +251,35 @@ def _settings_digest(config: Config, records: int) -> str:
         "fraction_evaluate",
         "seed",
     )
-    return hashlib.sha256(repr([(k, getattr(config, k)) for k in keys] + [records]).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr([(k, config.value(k)) for k in keys] + [records]).encode()).hexdigest()[:16]
 
 
 def _plan(
     config: Config, policy: ClientPolicy, train: Dataset, held_out: Dataset, delta: float, digest: str
 ) -> RunPlan:
-    settings = TrainSettings(config.batch_size, config.local_epochs, config.lr, config.momentum, config.max_grad_norm)
+    settings = TrainSettings(
+        config.training.batch_size,
+        config.training.local_epochs,
+        config.training.lr,
+        config.training.momentum,
+        config.privacy.max_grad_norm,
+    )
     step = planned_round(len(train), settings, 1.0)
-    private = config.metrics == "private"
-    evaluations = config.rounds if private and config.fraction_evaluate > 0 and len(held_out) else 0
-    releases = (config.rounds if private else 0) + evaluations
+    private = config.privacy.metrics == "private"
+    evaluations = (
+        config.federation.rounds if private and config.federation.fraction_evaluate > 0 and len(held_out) else 0
+    )
+    releases = (config.federation.rounds if private else 0) + evaluations
     return plan_run(
-        target_epsilon=config.target_epsilon,
-        noise_multiplier=config.noise_multiplier,
+        target_epsilon=config.privacy.target_epsilon,
+        noise_multiplier=config.privacy.noise_multiplier,
         metrics_share=policy.metrics_share,
         releases=releases,
         sample_rate=step.sample_rate,
         steps_per_round=step.steps,
-        rounds=config.rounds,
+        rounds=config.federation.rounds,
         delta=delta,
-        accountant=config.accountant,
+        accountant=config.privacy.accountant,
         settings=digest,
     )
 
@@ -291,7 +300,7 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
         run = str(protocol.sent_config(msg).get(protocol.RUN_ID, context.run_id))
         view = store.view(shard, run)
     largest_delta = client_delta(shard.records, policy.delta)
-    delta = config.delta if config.delta is not None else largest_delta
+    delta = config.privacy.delta if config.privacy.delta is not None else largest_delta
     digest = _settings_digest(config, shard.records)
     if view.plan is not None and view.plan.settings != digest:
         reason = "the run's settings changed since this client planned it; a run keeps its settings to the end"
@@ -327,7 +336,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     settings = _settings(config, context)
     sent = protocol.sent_config(msg)
     if protocol.PROXIMAL_MU in sent:  # FedProx
-        settings = dataclasses.replace(settings, proximal_mu=float(sent[protocol.PROXIMAL_MU]))
+        settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))
     with failing_as("model mismatch"):
         model = _model_for(config, session.train, protocol.global_arrays(msg))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -335,7 +344,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     run_ledger = session.view.run_ledger(plan.delta, plan.accountant)
     result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device)
     entries = [result.entry]
-    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
+    metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
     if session.mode == "plain" or loss_release:
         losses, _ = per_example(model, session.train, device)
         released = session.release(losses[:, None], [loss_bound(session.num_classes)])
@@ -366,7 +375,7 @@ def handle_evaluate(msg: Message, context: Context, config: Config, setup: Clien
     losses, correct = per_example(model.to(device), session.held_out, device)
     released = session.release(np.stack([losses, correct], axis=1), [loss_bound(session.num_classes), 1.0])
     view = session.record([released.entry]) if released.entry is not None else session.view
-    metrics = {
+    metrics: protocol.Metrics = {
         protocol.NUM_EXAMPLES: count,
         protocol.EVAL_LOSS: float(released.means[0]),
         protocol.EVAL_LOSS + protocol.STD: float(released.std[0]),

@@ -23,9 +23,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CLIENT_APP_REF = "fedtrain.clients.app:app"
@@ -72,26 +72,21 @@ def _load_fedtrain_client_app(*_args: object, **_kwargs: object):
 
 def clientapp_main() -> None:
     """`fedtrain-clientapp`: Flower's ClientApp process with the FAB checked and fedtrain's app pinned."""
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp
+    from fedtrain import _flower
 
-    run_clientapp.install_from_fab = _check_instead_of_install
-    run_clientapp.get_load_client_app_fn = _load_fedtrain_client_app
-    flwr_clientapp()
+    _flower.pin_clientapp(_check_instead_of_install, _load_fedtrain_client_app)
+    _flower.run_clientapp_process()
 
 
 def superexec_main() -> None:
     """Flower's SuperExec, restricted to ClientApp tasks run by `fedtrain-clientapp`."""
-    from flwr.supercore.cli import flower_superexec
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
-    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
+    from fedtrain import _flower
 
     launcher = Path(sys.executable).with_name("fedtrain-clientapp")
     if not launcher.exists():
         sys.exit(f"{launcher} is missing; reinstall fedtrain.")
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(launcher)
-    AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
-    flower_superexec()
+    _flower.restrict_superexec(launcher)
+    _flower.run_superexec()
 
 
 if __name__ == "__main__":

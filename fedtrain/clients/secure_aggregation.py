@@ -58,12 +58,13 @@ def legacy_update(reply: Message, sent: Message, bound: float) -> Message:
         update = {k: np.zeros_like(global_arrays[k].numpy()) for k in names}
         weight = 0
     else:
-        arrays = content[protocol.ARRAYS]
+        arrays = content.array_records[protocol.ARRAYS]
         update, scaled = bound_update({k: arrays[k].numpy() for k in names}, bound)
         outside = values_outside(update, bound)  # 0 unless float rounding or a skipped bound
         weight = 1
-        content[protocol.METRICS][SCALED] = int(scaled)
-        content[protocol.METRICS][CLIPPED] = outside
+        metrics = content.metric_records[protocol.METRICS]
+        metrics[SCALED] = int(scaled)
+        metrics[CLIPPED] = outside
     content[LEGACY_PARAMETERS] = ArrayRecord({str(i): Array(update[k]) for i, k in enumerate(names)})
     content[LEGACY_EXAMPLES] = MetricRecord({"num_examples": weight})
     content["fitres.metrics"] = ConfigRecord()
@@ -78,9 +79,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     bound = None
     if configs.get(Key.STAGE) == Stage.SETUP:
-        context.state["fedtrain.secagg"] = ConfigRecord({"bound": float(configs[Key.CLIPPING_RANGE])})
-    if "fedtrain.secagg" in context.state:
-        bound = float(context.state["fedtrain.secagg"]["bound"])
+        context.state["fedtrain.secagg"] = ConfigRecord({"bound": protocol.number(configs[Key.CLIPPING_RANGE])})
+    if "fedtrain.secagg" in context.state.config_records:
+        bound = protocol.number(context.state.config_records["fedtrain.secagg"]["bound"])
 
     def train_then_adapt(train_msg: Message, ctx: Context) -> Message:
         if bound is None:

@@ -86,6 +86,6 @@ class ClientSetup:
             kit = Path(str(context.node_config["kit"]))
             read_kit(kit, "client")
             return kit_store(kit, name)
-        if self.ledger_key is not None and config.run_dir:
-            return LedgerStore(name, Path(config.run_dir) / "ledgers" / name, self.ledger_key)
+        if self.ledger_key is not None and config.deployment.run_dir:
+            return LedgerStore(name, Path(config.deployment.run_dir) / "ledgers" / name, self.ledger_key)
         return LedgerStore(name, memory=self.memory)

@@ -4,22 +4,19 @@ The SuperLink counts a node as gone after two missed heartbeats. With Flower's 3
 crashes holds up its round for a minute and cannot rejoin for as long (the SuperLink refuses to
 activate a node it still counts as online); with 10 s (Flower's allowed minimum) both take 20 s,
 for one small request every 4 s. `python -m fedtrain.clients.supernode` takes flower-supernode's
-arguments. The names replaced are flwr 1.42's; tests/test_pinned_app.py checks they still exist.
+arguments. The names replaced are flwr 1.42's (fedtrain/_flower.py; tests/test_flower_internals.py).
 """
 
 from __future__ import annotations
 
-HEARTBEAT_INTERVAL = 10.0  # seconds; flwr.common.constant.HEARTBEAT_MIN_INTERVAL
+HEARTBEAT_INTERVAL = 10  # seconds; flwr.common.constant.HEARTBEAT_MIN_INTERVAL
 
 
 def main() -> None:
-    from flwr.supercore import heartbeat
-    from flwr.supernode import fleet_http_connection
-    from flwr.supernode.cli import flower_supernode
+    from fedtrain import _flower
 
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL
-    flower_supernode()
+    _flower.set_heartbeat(HEARTBEAT_INTERVAL)
+    _flower.run_supernode()
 
 
 if __name__ == "__main__":

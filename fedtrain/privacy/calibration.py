@@ -237,7 +237,8 @@ def plan_run(
     metrics_noise = gaussian_noise_for(metrics_epsilon, delta, releases) if releases > 0 else None
     metrics = [(metrics_noise, 1.0, releases)] if metrics_noise is not None else []
     if noise_multiplier is None:
-        sigma = noise_for(float(target_epsilon), delta, sample_rate, steps, accountant, alongside=metrics)
+        assert target_epsilon is not None  # one of the two is given: checked above
+        sigma = noise_for(target_epsilon, delta, sample_rate, steps, accountant, alongside=metrics)
     else:
         sigma = noise_multiplier
     return RunPlan(sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings)

@@ -78,30 +78,33 @@ class ClientPolicy:
 
     def refusal_for_run(self, config: Config) -> str | None:
         """Why this client refuses the run's settings before it touches any data, or None."""
-        if config.model not in self.models:
+        if config.training.model not in self.models:
             return (
-                f"the run's model {config.model!r} is not one this client accepts ({', '.join(self.models)}); "
+                f"the run's model {config.training.model!r} is not one this client accepts ({', '.join(self.models)}); "
                 "a client never imports code because the server named it"
             )
-        if config.eval_fraction > self.max_eval_fraction:
+        if config.data.eval_fraction > self.max_eval_fraction:
             return (
-                f"the run holds out {config.eval_fraction:g} of the shard for evaluation, more than this client's "
+                f"the run holds out {config.data.eval_fraction:g} of the shard for evaluation, more than this client's "
                 f"max_eval_fraction {self.max_eval_fraction:g}"
             )
-        if config.noise_multiplier is not None and config.noise_multiplier < self.min_noise_multiplier:
+        if config.privacy.noise_multiplier is not None and config.privacy.noise_multiplier < self.min_noise_multiplier:
             return (
-                f"the run's noise multiplier {config.noise_multiplier:g} is below this client's minimum "
+                f"the run's noise multiplier {config.privacy.noise_multiplier:g} is below this client's minimum "
                 f"{self.min_noise_multiplier:g}"
             )
-        if config.target_epsilon is not None and config.target_epsilon > self.max_run_epsilon * (1 + 1e-9):
+        if config.privacy.target_epsilon is not None and config.privacy.target_epsilon > self.max_run_epsilon * (
+            1 + 1e-9
+        ):
             return (
-                f"the run targets epsilon {config.target_epsilon:g}, more than this client's max_run_epsilon "
+                f"the run targets epsilon {config.privacy.target_epsilon:g}, more than this client's max_run_epsilon "
                 f"{self.max_run_epsilon:g}"
             )
-        if metrics_rank(config.metrics) > metrics_rank(self.metrics):
-            return f"the run asks for {config.metrics} metrics; this client releases at most {self.metrics} metrics"
-        if self.delta is not None and config.delta is not None and config.delta > self.delta:
-            return f"the run's delta {config.delta:g} is larger than this client's {self.delta:g}"
+        if metrics_rank(config.privacy.metrics) > metrics_rank(self.metrics):
+            asked = config.privacy.metrics
+            return f"the run asks for {asked} metrics; this client releases at most {self.metrics} metrics"
+        if self.delta is not None and config.privacy.delta is not None and config.privacy.delta > self.delta:
+            return f"the run's delta {config.privacy.delta:g} is larger than this client's {self.delta:g}"
         return None
 
     def refusal_for_plan(self, plan: RunPlan, largest_delta: float) -> str | None:
@@ -133,13 +136,13 @@ class ClientPolicy:
         return cls(
             max_run_epsilon=config.effective_max_epsilon if config.effective_max_epsilon is not None else math.inf,
             max_lifetime_epsilon=math.inf,
-            delta=config.delta,
-            min_noise_multiplier=min(cls.min_noise_multiplier, config.noise_multiplier or math.inf),
+            delta=config.privacy.delta,
+            min_noise_multiplier=min(cls.min_noise_multiplier, config.privacy.noise_multiplier or math.inf),
             max_sample_rate=1.0,
-            max_eval_fraction=max(config.eval_fraction, 0.9),
-            metrics=config.metrics,
-            models=(config.model,),
-            accountant=config.accountant,
+            max_eval_fraction=max(config.data.eval_fraction, 0.9),
+            metrics=config.privacy.metrics,
+            models=(config.training.model,),
+            accountant=config.privacy.accountant,
         )
 
     @classmethod

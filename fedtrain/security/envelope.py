@@ -62,20 +62,22 @@ def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytearray:
     return envelope
 
 
-def open_sealed(key: bytes, envelope: bytes, associated_data: bytes, what: str = "the data") -> bytes:
+def open_sealed(
+    key: bytes, envelope: bytes | bytearray | memoryview, associated_data: bytes, what: str = "the data"
+) -> bytes:
     """Decrypt an envelope made by `seal`, or raise EnvelopeError saying why it cannot be opened."""
     _check_key(key)
     if not isinstance(envelope, (bytes, bytearray, memoryview)) or len(envelope) < HEADER_BYTES + TAG_BYTES:
         raise EnvelopeError(f"{what} is truncated or not a fedtrain encrypted file.")
-    envelope = memoryview(envelope)  # slices below are views: the ciphertext is never copied
-    if envelope[: len(MAGIC)] != MAGIC:
+    view = memoryview(envelope)  # slices below are views: the ciphertext is never copied
+    if view[: len(MAGIC)] != MAGIC:
         raise EnvelopeError(f"{what} is not a fedtrain encrypted file (bad magic bytes).")
-    version = envelope[len(MAGIC)]
+    version = view[len(MAGIC)]
     if version != VERSION:
         raise EnvelopeError(
             f"{what} uses envelope format version {version}, which this fedtrain cannot read; upgrade fedtrain."
         )
-    header = bytes(envelope[:HEADER_BYTES])
+    header = bytes(view[:HEADER_BYTES])
     stored_id = header[len(MAGIC) + 1 : len(MAGIC) + 1 + KEY_ID_BYTES]
     if stored_id != key_id(key):
         raise EnvelopeError(
@@ -84,7 +86,7 @@ def open_sealed(key: bytes, envelope: bytes, associated_data: bytes, what: str =
         )
     nonce = header[-NONCE_BYTES:]
     try:
-        return AESGCM(key).decrypt(nonce, envelope[HEADER_BYTES:], header + associated_data)
+        return AESGCM(key).decrypt(nonce, view[HEADER_BYTES:], header + associated_data)
     except InvalidTag:
         raise EnvelopeError(
             f"{what} failed authentication: it was modified, corrupted, or belongs to another run or round."

@@ -199,7 +199,10 @@ def _load_pem(data: bytes, password: bytes | None) -> object:
     return serialization.load_pem_private_key(data, password)
 
 
-def _public_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
+def _public_bytes(key: object) -> bytes:
+    """The key's public point; any other kind of key (not what provision makes) matches nothing."""
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return b""
     return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 

@@ -32,23 +32,23 @@ def declared_data(config: Config, source: str) -> Config:
     Raises:
         FedtrainError: input_shape or the classes (num_classes or labels) are missing.
     """
-    if not config.input_shape or not (config.num_classes or config.labels):
+    if not config.data.input_shape or not (config.data.num_classes or config.data.labels):
         raise FedtrainError(
             f"{source} must give input_shape and num_classes (or labels) so that clients can check their "
             "data before connecting; add them."
         )
     return Config(
-        input_shape=list(config.input_shape),
-        labels=list(config.labels) if config.labels else None,
-        num_classes=config.num_classes or len(config.labels or []),
-        label_column=config.label_column,
+        input_shape=list(config.data.input_shape),
+        labels=list(config.data.labels) if config.data.labels else None,
+        num_classes=config.data.num_classes or len(config.data.labels or []),
+        label_column=config.data.label_column,
     ).validate()
 
 
 def write_data_file(folder: Path, data: Config) -> Path:
     """Write `federation.toml` into a kit folder (public: it describes data, holds no secret)."""
     lines = ["# The federation's data: fedtrain client checks its shard against it before connecting."]
-    lines += [f"{key} = {toml_value(getattr(data, key))}" for key in DATA_KEYS if getattr(data, key) is not None]
+    lines += [f"{key} = {toml_value(data.value(key))}" for key in DATA_KEYS if data.value(key) is not None]
     return atomic_write_text(Path(folder) / DATA_FILE, "\n".join(lines) + "\n", mode=0o644)
 
 
@@ -82,11 +82,15 @@ def agree(config: Config, data: Config, source: str) -> Config:
     Raises:
         FedtrainError: the config declares another input shape, other classes or another label column.
     """
-    num_classes = config.num_classes or (len(config.labels) if config.labels else None)
+    num_classes = config.data.num_classes or (len(config.data.labels) if config.data.labels else None)
     differs = [
-        (key, value, getattr(data, key))
-        for key, value in (("input_shape", config.input_shape), ("labels", config.labels), ("num_classes", num_classes))
-        if value is not None and getattr(data, key) is not None and value != getattr(data, key)
+        (key, value, data.value(key))
+        for key, value in (
+            ("input_shape", config.data.input_shape),
+            ("labels", config.data.labels),
+            ("num_classes", num_classes),
+        )
+        if value is not None and data.value(key) is not None and value != data.value(key)
     ]
     if differs:
         key, value, wanted = differs[0]
@@ -94,13 +98,13 @@ def agree(config: Config, data: Config, source: str) -> Config:
             f"the config's {key} {value} differs from {wanted}, which the clients' kits declare ({source}); "
             "use the config the kits were provisioned with."
         )
-    if config.label_column != data.label_column:
+    if config.data.label_column != data.data.label_column:
         raise FedtrainError(
-            f"the config's label_column {config.label_column!r} differs from {data.label_column!r}, which the "
-            f"clients' kits declare ({source}); use the config the kits were provisioned with."
+            f"the config's label_column {config.data.label_column!r} differs from {data.data.label_column!r}, "
+            f"which the clients' kits declare ({source}); use the config the kits were provisioned with."
         )
     return config.replace(
-        input_shape=config.input_shape or data.input_shape,
-        labels=config.labels or data.labels,
-        num_classes=num_classes or data.num_classes,
+        input_shape=config.data.input_shape or data.data.input_shape,
+        labels=config.data.labels or data.data.labels,
+        num_classes=num_classes or data.data.num_classes,
     )

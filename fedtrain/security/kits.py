@@ -62,8 +62,9 @@ def provision(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _build(staging, server_hosts, names, passphrase)
-        for folder in [staging / "server", *(staging / n for n in names)] if data is not None else []:
-            write_data_file(folder, data)
+        if data is not None:
+            for folder in [staging / "server", *(staging / n for n in names)]:
+                write_data_file(folder, data)
         if out.exists():
             out.rmdir()
         os.rename(staging, out)

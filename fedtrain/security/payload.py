@@ -12,13 +12,12 @@ replayed into another round, run, direction or node fails to open.
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedtrain.errors import FedtrainError
 from fedtrain.security.envelope import open_sealed, seal
@@ -42,75 +41,47 @@ def payload_context(
     return (text + (f"|client={client}" if client else "")).encode()
 
 
-# ---------------------------------------------------------------- RecordDict <-> bytes (no pickle)
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, bytes):
-        return {"__bytes__": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _from_json(value: object) -> object:
-    if isinstance(value, dict) and set(value) == {"__bytes__"}:
-        return base64.b64decode(value["__bytes__"])
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
+# ---------------------------------------------------------------- RecordDict <-> bytes: Flower's serde
 
 
 def records_to_bytes(content: RecordDict) -> bytes:
-    """Every record of a message: arrays as .npz members, metrics and configs as JSON."""
-    arrays: dict[str, np.ndarray] = {}
-    layout: dict[str, list[str]] = {}
-    for key, record in content.array_records.items():
-        layout[key] = []
-        for name, array in record.items():
-            arrays[f"a{len(arrays)}"] = array.numpy()
-            layout[key].append(name)
-    meta = {
-        "arrays": layout,
-        "metrics": {k: dict(r) for k, r in content.metric_records.items()},
-        "configs": {k: {n: _jsonable(v) for n, v in r.items()} for k, r in content.config_records.items()},
-    }
-    buffer = io.BytesIO()
-    np.savez(buffer, __meta__=np.array(json.dumps(meta)), **arrays)
-    return buffer.getvalue()
+    """Every record of a message, serialised as Flower serialises it for the wire (protobuf; arrays as
+    numpy .npy bytes, no pickle)."""
+    return recorddict_to_proto(content).SerializeToString()
 
 
 def bytes_to_records(data: bytes) -> RecordDict:
+    """Parse what `records_to_bytes` wrote; every array is decoded once here, so nothing malformed
+    gets past this point (a crafted payload is refused with one sentence, never a crash later).
+
+    Raises:
+        FedtrainError: when the bytes are not a well-formed message.
+    """
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            meta = json.loads(str(archive["__meta__"]))
-            content = RecordDict()
-            index = 0
-            for key, names in meta["arrays"].items():
-                record = ArrayRecord()
-                for name in names:
-                    record[name] = Array(np.array(archive[f"a{index}"]))
-                    index += 1
-                content[key] = record
-            for key, values in meta["metrics"].items():
-                content[key] = MetricRecord(values)
-            for key, values in meta["configs"].items():
-                content[key] = ConfigRecord({n: _from_json(v) for n, v in values.items()})
-            return content
-    except Exception as exc:  # noqa: BLE001 - zipfile alone raises a dozen kinds on crafted archives
+        proto = ProtoRecordDict()
+        proto.ParseFromString(data)
+        content = recorddict_from_proto(proto)
+        for record in content.array_records.values():
+            for array in record.values():
+                if list(array.numpy().shape) != list(array.shape):
+                    raise ValueError("an array's shape does not match its data")
+        return content
+    except Exception as exc:  # noqa: BLE001 - protobuf and numpy raise many kinds on crafted bytes
         raise FedtrainError(f"a decrypted message is malformed ({type(exc).__name__}).") from None
 
 
 # ---------------------------------------------------------------- sealing messages
 
 
-def seal_content(content: RecordDict, key: bytes, associated_data: bytes, header: dict[str, int | str]) -> RecordDict:
+def seal_content(
+    content: RecordDict, key: bytes, associated_data: bytes, header: dict[str, int | float | str]
+) -> RecordDict:
     """The sealed form of `content`: one uint8 array, plus the readable header that the AAD binds."""
     envelope = seal(key, records_to_bytes(content), associated_data)
     return RecordDict(
         {
             SEALED: ArrayRecord({"envelope": Array(np.frombuffer(envelope, dtype=np.uint8))}),
-            HEADER: ConfigRecord(header),
+            HEADER: ConfigRecord(dict(header)),
         }
     )
 

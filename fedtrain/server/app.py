@@ -45,9 +45,9 @@ def build_server_app(
 
 def _kit_keys(config: Config) -> PayloadKeys | None:
     """Deployment: the server kit's federation key and every client's uplink key."""
-    if not config.kit:
+    if not config.deployment.kit:
         return None
-    kit = Path(config.kit)
+    kit = Path(config.deployment.kit)
     info = read_kit(kit, "server")
     uplink = {name: read_key_file(kit / "clients" / f"{name}.uplink.key") for name in info["clients"]}
     return PayloadKeys(read_key_file(kit / "federation.key"), uplink)

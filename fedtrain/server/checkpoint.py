@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtrain._flower import OPTIMIZER_STATE  # Flower's FedOpt family and FedAvgM
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy.ledger import PrivacyLedger
@@ -33,7 +34,6 @@ from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, load_model,
 from fedtrain.server.screening import ClientPrivacy
 
 FORMAT = 2  # 2: ledgers with metric releases, lifetime epsilon
-OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")  # Flower's FedOpt family and FedAvgM
 # Where a run is kept and how it reaches its key or devices may change between runs of the same federation.
 MAY_CHANGE = ("run_dir", "key_file", "kit", "device")
 
@@ -68,8 +68,8 @@ def _restore_strategy(strategy: Any, tensors: dict[str, torch.Tensor], meta: dic
     layers = _layers(strategy)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, tensor in tensors.items():
-        _, depth, attr, key = name.split("/", 3)
-        found.setdefault((int(depth), attr), {})[key] = tensor.numpy()
+        _, level, attr, key = name.split("/", 3)
+        found.setdefault((int(level), attr), {})[key] = tensor.numpy()
     for (depth, attr), values in found.items():
         if depth >= len(layers) or attr not in OPTIMIZER_STATE:
             raise FedtrainError(f"the checkpoint holds optimizer state {attr!r} this run's strategy does not have.")
@@ -144,11 +144,11 @@ def resumable_run_id(run_dir: Path, model_key: ModelKey) -> str:
 
 
 def preflight(config: Config) -> int:
-    """Check, before anything starts, that the run in config.run_dir can be resumed with `config`
+    """Check, before anything starts, that the run in config.deployment.run_dir can be resumed with `config`
     and its key; returns its last complete round."""
     from fedtrain.strategies import make_strategy
 
-    run_dir, model_key = Path(str(config.run_dir)), load_model_key(config.key_file)
+    run_dir, model_key = Path(str(config.deployment.run_dir)), load_model_key(config.deployment.key_file)
     run_id = resumable_run_id(run_dir, model_key)
     return load(run_dir, model_key.key, run_id, config, make_strategy(config)).server_round
 

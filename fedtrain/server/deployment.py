@@ -34,6 +34,7 @@ from fedtrain.processes import (
 from fedtrain.security.key_handover import HandedKey, hand_over
 from fedtrain.security.kit_checks import check_server_kit
 from fedtrain.security.kit_data import DATA_FILE, agree
+from fedtrain.security.kits import read_kit
 from fedtrain.server import checkpoint
 from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.history import METRICS_JSON
@@ -79,14 +80,24 @@ def deployment_config(options: ServerOptions, run_dir: Path, declared: Config | 
     config = options.config
     if declared is not None:
         config = agree(config, declared, str(options.kit / DATA_FILE))
-    if not config.input_shape or not (config.num_classes or config.labels):
+    if not config.data.input_shape or not (config.data.num_classes or config.data.labels):
         raise FedtrainError(
             "a server holds no data, so the config must give input_shape and num_classes (or labels); "
             "add them to the --config file."
         )
     kit = options.kit.resolve()
+    population = len(read_kit(kit, "server")["clients"])  # the clients this federation was provisioned for
+    if options.min_clients > population:
+        raise FedtrainError(
+            f"--min-clients {options.min_clients} is more than the {population} clients this server's kit was "
+            "provisioned for; lower it or provision more clients."
+        )
     config = config.replace(
-        run_dir=str(run_dir.resolve()), key_file=str(kit / "model.key"), kit=str(kit), clients=options.min_clients
+        run_dir=str(run_dir.resolve()),
+        key_file=str(kit / "model.key"),
+        kit=str(kit),
+        clients=population,
+        min_available_clients=config.federation.min_available_clients or options.min_clients,
     )
     make_strategy(config)  # its name and parameters, before anything starts
     return config
@@ -289,7 +300,7 @@ def serve(options: ServerOptions, run_dir: Path, say: Callable[[str], None], on_
     with Server(options, run_dir, say) as server:
         if options.resume:
             done = checkpoint.preflight(server.config)  # a wrong key or config fails before anything starts
-            say(f"resuming the run in {run_dir} after round {done} of {server.config.rounds}")
+            say(f"resuming the run in {run_dir} after round {done} of {server.config.federation.rounds}")
         server.start()
         server.wait_for_clients()
         run_id = server.submit()

@@ -68,7 +68,7 @@ class FleetGateway:
             lifespan="off",
         )
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # the fedtrain server owns the signals
+        self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # we own the signals
         self.thread = threading.Thread(target=self.server.run, name="fleet-gateway", daemon=True)
 
     def start(self, timeout: float = 15.0) -> None:

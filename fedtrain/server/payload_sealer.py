@@ -1,8 +1,8 @@
 """Server side of end-to-end payload encryption: seal every outgoing message for its node and open
 every reply with its client's uplink key, before any fedtrain or Flower code looks at the content.
 
-It wraps the strategy's messages in the round loop rather than being a strategy wrapper because
-fedtrain screens replies (which needs plaintext) before the strategy aggregates them.
+The round loop applies it through SealedGrid (server/sealed_grid.py), a Grid wrapper: whatever runs
+the exchange (plain, streamed, SecAgg+'s stages) and the screening only ever sees plaintext.
 """
 
 from __future__ import annotations

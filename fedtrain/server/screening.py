@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 
 from fedtrain import protocol
 from fedtrain.privacy.ledger import PrivacyLedger
@@ -60,7 +60,6 @@ class ReleasedMean:
 
 @dataclass
 class Screened:
-    accepted: list[Message] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
@@ -163,39 +162,3 @@ def screen_reply(
     metrics[protocol.UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
     out.train_loss.add(metrics, protocol.TRAIN_LOSS)
     return update
-
-
-def screen(
-    replies: list[Message],
-    global_arrays: dict[str, np.ndarray],
-    known: dict[int, str],
-    node_of: Callable[[Message], int] = lambda msg: msg.metadata.src_node_id,
-    max_update_norm: float | None = None,
-) -> Screened:
-    """Accepted replies come back holding client *weights* w_t + d, ready for a Flower strategy.
-
-    `known` maps node ids to client names; it is updated from the replies. `node_of` says which
-    node a reply answers for (the SuperLink itself sends the error reply of a node that died)."""
-    out = Screened()
-    for msg in replies:
-        update = screen_reply(msg, global_arrays, known, node_of, max_update_norm, out)
-        if update is None:
-            continue
-        metrics = msg.content.metric_records[protocol.METRICS]
-        weights = ArrayRecord({k: Array(global_arrays[k] + update[k]) for k in global_arrays})
-        msg.content = RecordDict({protocol.ARRAYS: weights, protocol.METRICS: metrics})  # what Flower strategies expect
-        out.accepted.append(msg)
-    return out
-
-
-def screen_masked(replies: list[Message], known: dict[int, str], node_of: Callable[[Message], int]) -> Screened:
-    """Secure aggregation's masked-vector replies: the server can read each client's ledger and
-    metrics, never its update. `accepted` holds the replies whose update is in the masked sum."""
-    out = Screened()
-    for msg in replies:
-        if read(msg, node_of(msg), known, out) is not None:
-            out.accepted.append(msg)
-            metrics = msg.content.metric_records.get(protocol.METRICS)
-            if metrics is not None:
-                out.train_loss.add(metrics, protocol.TRAIN_LOSS)
-    return out

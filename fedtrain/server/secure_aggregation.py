@@ -27,17 +27,25 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
 
+from fedtrain import protocol
+from fedtrain._flower import (
+    MAIN_CONFIGS_RECORD,
+    MAIN_PARAMS_RECORD,
+    FitIns,
+    Parameters,
+    SecAggPlusWorkflow,
+    WorkflowKey,
+    WorkflowState,
+    bytes_to_ndarray,
+    parameters_to_ndarrays,
+)
 from fedtrain.config import Config
 from fedtrain.server.screening import error_reason
 
 log = logging.getLogger("fedtrain")
-Exchange = Callable[[list[Message]], tuple[list[Message], dict[int, str]]]
+Exchange = Callable[[list[Message]], list[Message]]  # one stage's messages out, their replies back
 
 
 @dataclass
@@ -64,11 +72,10 @@ class _StageGrid:
         if not messages:
             return []
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
-        replies, unopened = self.exchange(messages)
-        self.failed.update(unopened)
+        replies = self.exchange(messages)
         answered = {self.node_of(reply) for reply in replies}
         for msg in messages:
-            if msg.metadata.dst_node_id not in answered and msg.metadata.dst_node_id not in unopened:
+            if msg.metadata.dst_node_id not in answered:
                 self.failed[msg.metadata.dst_node_id] = f"no reply in SecAgg+ stage {stage!r} within round_timeout"
         for reply in replies:
             if reply.has_error():
@@ -105,10 +112,10 @@ class SecureAggregator:
     def __init__(self, config: Config) -> None:
         self.workflow = SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled client holds a share of every other's secrets
-            reconstruction_threshold=config.secagg_threshold,
+            reconstruction_threshold=config.federation.secagg_threshold,
             max_weight=1.0,
-            clipping_range=config.secagg_update_bound,
-            timeout=config.round_timeout,
+            clipping_range=config.federation.secagg_update_bound,
+            timeout=config.federation.round_timeout,
         )
 
     def run(
@@ -116,9 +123,9 @@ class SecureAggregator:
     ) -> SecureOutcome:
         """The four SecAgg+ stages for this round's train `messages`; their content is what each
         client trains on, sent (masking configs added) in the stage that collects masked vectors."""
-        grid = _StageGrid(exchange, node_of)
+        grid: Any = _StageGrid(exchange, node_of)  # what the workflow's stages use of a Grid
         stand_in = _LegacyStandIn([msg.metadata.dst_node_id for msg in messages])
-        context = SimpleNamespace(
+        context: Any = SimpleNamespace(  # what the stages use of a LegacyContext
             state=RecordDict(
                 {
                     MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
@@ -137,7 +144,7 @@ class SecureAggregator:
             completed = completed and stage(grid, context, state)
         outcome = SecureOutcome(collected=grid.collected, failed=grid.failed)
         for reply in grid.collected:
-            masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            masked = protocol.values(reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
             outcome.masked[node_of(reply)] = [bytes_to_ndarray(b) for b in masked]
         with np.errstate(divide="ignore", invalid="ignore"):
             completed = completed and self.workflow.unmask_stage(grid, context, state)

@@ -44,7 +44,7 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")  # the ones whose aggregate is the mean 
 
 
 def uses_central_dp(config: Config) -> bool:
-    return config.central_dp != "off"
+    return config.privacy.central_dp != "off"
 
 
 def _accountant(config: Config, max_epsilon: float | None) -> Any:
@@ -54,7 +54,7 @@ def _accountant(config: Config, max_epsilon: float | None) -> Any:
         return RdpAccountant(
             PrivacyConfig(
                 target_delta=config.effective_central_delta,
-                population_size=config.clients,
+                population_size=config.federation.clients,
                 neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                 sampling_method=SamplingMethod.NO_AMPLIFICATION,
                 max_epsilon=max_epsilon,
@@ -69,7 +69,9 @@ def _accountant(config: Config, max_epsilon: float | None) -> Any:
 def release(config: Config, sampled: int) -> GaussianPrivacyEvent:
     """What one released round costs in client-level privacy."""
     return GaussianPrivacyEvent(
-        noise_multiplier=config.central_noise_multiplier, sample_size=sampled, population_size=config.clients
+        noise_multiplier=config.privacy.central_noise_multiplier,
+        sample_size=sampled,
+        population_size=config.federation.clients,
     )
 
 
@@ -84,19 +86,19 @@ def planned_epsilon(config: Config, sampled: int, rounds: int) -> float:
 
 def check_plan(config: Config, sampled: int) -> None:
     """Refuse to start a run whose planned rounds would exceed max_client_epsilon."""
-    limit = config.max_client_epsilon
+    limit = config.privacy.max_client_epsilon
     if limit is None:
         return
-    planned = planned_epsilon(config, sampled, config.rounds)
+    planned = planned_epsilon(config, sampled, config.federation.rounds)
     if planned <= limit:
         return
-    low, high = 0, config.rounds  # the most rounds that fit: planned_epsilon grows with rounds
+    low, high = 0, config.federation.rounds  # the most rounds that fit: planned_epsilon grows with rounds
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if planned_epsilon(config, sampled, mid) <= limit else (low, mid - 1)
     raise FedtrainError(
-        f"{config.rounds} rounds of client-level DP with central_noise_multiplier = "
-        f"{config.central_noise_multiplier:g} would spend epsilon {planned:.3f} at delta "
+        f"{config.federation.rounds} rounds of client-level DP with central_noise_multiplier = "
+        f"{config.privacy.central_noise_multiplier:g} would spend epsilon {planned:.3f} at delta "
         f"{config.effective_central_delta:g}, above max_client_epsilon = {limit:g}; "
         + (f"run at most {low} rounds or raise central_noise_multiplier." if low else "raise central_noise_multiplier.")
     )
@@ -105,16 +107,22 @@ def check_plan(config: Config, sampled: int) -> None:
 def count_stddev(config: Config, sampled: int) -> float:
     """Noise on the adaptive rule's count of clipped updates. Flower's default n/20 only works when
     sigma < n/10; past that, sigma itself (which costs the update 15% more noise, never privacy)."""
-    return max(sampled / 20, config.central_noise_multiplier)
+    return max(sampled / 20, config.privacy.central_noise_multiplier)
 
 
 class _PrivateNoise:
-    """Noise from this strategy's own generator, seeded from the OS and never stored or shared.
+    """Noise from this strategy's own generator, seeded from the OS and never stored or shared
+    (overrides Flower's hooks fedtrain/_flower.py names: DP_NOISE_HOOK, DP_COUNT_HOOK).
 
     Flower draws it from NumPy's global Mersenne Twister: any code in the process can read or seed
     that state, and from it recompute, then subtract, the noise of every release."""
 
     _rng: np.random.Generator | None = None
+    # set by the Flower DP wrapper this is mixed into
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    clipped_count_stddev: float
 
     def _generator(self) -> np.random.Generator:
         if self._rng is None:
@@ -146,17 +154,17 @@ class AccountedAdaptiveClipping(_PrivateNoise, DifferentialPrivacyServerSideAdap
     def __init__(self, strategy: Strategy, config: Config, sampled: int) -> None:
         super().__init__(
             strategy,
-            noise_multiplier=config.central_noise_multiplier,
+            noise_multiplier=config.privacy.central_noise_multiplier,
             num_sampled_clients=sampled,
-            initial_clipping_norm=config.central_clipping_norm,
-            target_clipped_quantile=config.central_target_quantile,
-            clip_norm_lr=config.central_clip_lr,
+            initial_clipping_norm=config.privacy.central_clipping_norm,
+            target_clipped_quantile=config.privacy.central_target_quantile,
+            clip_norm_lr=config.privacy.central_clip_lr,
             clipped_count_stddev=count_stddev(config, sampled),
         )
-        self.accountant = _accountant(config, config.max_client_epsilon)
+        self.accountant = _accountant(config, config.privacy.max_client_epsilon)
         self.event = release(config, sampled)
 
-    def _geometric_update(self, clipped_fraction: float) -> None:
+    def _geometric_update(self, clipped_fraction: float) -> None:  # _flower.DP_BOUND_HOOK
         # Andrew et al.'s rule moves the bound by the share of updates *under* it:
         # C <- C exp(-lr (unclipped - quantile)). Flower 1.42 feeds the clipped share into the same
         # formula, which shrinks a bound that clips everything, towards 0; correct the sign here.
@@ -176,19 +184,19 @@ class AccountedAdaptiveClipping(_PrivateNoise, DifferentialPrivacyServerSideAdap
 
 def wrap(config: Config, base: Strategy, sampled: int) -> Strategy:
     """`base` wrapped in Flower's central-DP clipping and noise, with its accountant."""
-    if config.strategy not in MEAN_STRATEGIES:
+    if config.strategy.name not in MEAN_STRATEGIES:
         raise FedtrainError(
-            f"client-level DP adds noise to a mean of clipped updates; strategy {config.strategy!r} is not a "
+            f"client-level DP adds noise to a mean of clipped updates; strategy {config.strategy.name!r} is not a "
             f'mean: use {" or ".join(MEAN_STRATEGIES)}, or set central_dp = "off".'
         )
     check_plan(config, sampled)
-    if config.central_dp == "fixed":
+    if config.privacy.central_dp == "fixed":
         return FixedClipping(
             base,
-            noise_multiplier=config.central_noise_multiplier,
-            clipping_norm=config.central_clipping_norm,
+            noise_multiplier=config.privacy.central_noise_multiplier,
+            clipping_norm=config.privacy.central_clipping_norm,
             num_sampled_clients=sampled,
-            accountant=_accountant(config, config.max_client_epsilon),
+            accountant=_accountant(config, config.privacy.max_client_epsilon),
         )
     return AccountedAdaptiveClipping(base, config, sampled)
 
@@ -205,11 +213,12 @@ def report(strategy: Strategy, config: Config, released_rounds: list[int]) -> di
         return None
     epsilon = spent_epsilon(strategy)
     return {
-        "mechanism": f"Gaussian on the uniform mean of updates clipped to L2 norm C ({config.central_dp} clipping)",
-        "noise_multiplier": config.central_noise_multiplier,
+        "mechanism": "Gaussian on the uniform mean of updates clipped to L2 norm C "
+        f"({config.privacy.central_dp} clipping)",
+        "noise_multiplier": config.privacy.central_noise_multiplier,
         "sampling": "no amplification (every released round counts in full)",
         "neighbouring": "add or remove one client",
-        "population": config.clients,
+        "population": config.federation.clients,
         "delta": config.effective_central_delta,
         "released_rounds": released_rounds,
         "epsilon": epsilon if epsilon is not None and math.isfinite(epsilon) else None,

@@ -36,10 +36,10 @@ def _common(config: Config) -> dict[str, Any]:
     weighting = {"weighted_by_key": central_dp.UNIT_WEIGHT} if central_dp.uses_central_dp(config) else {}
     return {
         **weighting,
-        "fraction_train": config.fraction_train,
-        "fraction_evaluate": config.fraction_evaluate,
+        "fraction_train": config.federation.fraction_train,
+        "fraction_evaluate": config.federation.fraction_evaluate,
         "min_train_nodes": 1,
-        "min_evaluate_nodes": 1 if config.fraction_evaluate > 0 else 0,
+        "min_evaluate_nodes": 1 if config.federation.fraction_evaluate > 0 else 0,
         # The loop waits (bounded) for these clients before each round; Flower's own wait has no bound.
         "min_available_nodes": config.clients_to_wait_for,
     }
@@ -47,18 +47,21 @@ def _common(config: Config) -> dict[str, Any]:
 
 def sampled(config: Config) -> int:
     """Updates a round aggregates at most (the Byzantine bounds are checked against this)."""
-    return max(1, int(config.clients * config.fraction_train))
+    return max(1, int(config.federation.clients * config.federation.fraction_train))
 
 
 def _fedopt(cls: type, config: Config, betas: bool = True) -> Strategy:
-    options: dict[str, Any] = {"eta": config.server_lr if config.server_lr is not None else 0.1, "tau": config.tau}
+    options: dict[str, Any] = {
+        "eta": config.strategy.server_lr if config.strategy.server_lr is not None else 0.1,
+        "tau": config.strategy.tau,
+    }
     if betas:
-        options.update(beta_1=config.beta_1, beta_2=config.beta_2)
+        options.update(beta_1=config.strategy.beta_1, beta_2=config.strategy.beta_2)
     return cls(**_common(config), **options)
 
 
 def _byzantine(config: Config, name: str, needed: Callable[[int], int]) -> int:
-    f, n = config.num_malicious, sampled(config)
+    f, n = config.strategy.num_malicious, sampled(config)
     if n < needed(f):
         raise FedtrainError(
             f"{name} with num_malicious = {f} needs at least {needed(f)} clients per round, this run has {n}; "
@@ -73,7 +76,7 @@ def _krum(config: Config) -> Strategy:
 
 def _multikrum(config: Config) -> Strategy:
     f = _byzantine(config, "multikrum", lambda f: 2 * f + 3)
-    m = config.num_selected if config.num_selected is not None else sampled(config) - f
+    m = config.strategy.num_selected if config.strategy.num_selected is not None else sampled(config) - f
     if not 1 <= m <= sampled(config) - f:
         raise FedtrainError(
             f"multikrum's num_selected must be between 1 and clients - num_malicious ({sampled(config) - f}), not {m}."
@@ -86,19 +89,21 @@ def _bulyan(config: Config) -> Strategy:
 
 
 def _trimmed_mean(config: Config) -> Strategy:
-    if not 0.0 <= config.trim_beta < 0.5:
-        raise FedtrainError(f"trim_beta must be in [0, 0.5), the share cut at each end, not {config.trim_beta}.")
-    return FedTrimmedAvg(**_common(config), beta=config.trim_beta)
+    if not 0.0 <= config.strategy.trim_beta < 0.5:
+        raise FedtrainError(
+            f"trim_beta must be in [0, 0.5), the share cut at each end, not {config.strategy.trim_beta}."
+        )
+    return FedTrimmedAvg(**_common(config), beta=config.strategy.trim_beta)
 
 
 def _fedavgm(config: Config) -> Strategy:
-    lr = config.server_lr if config.server_lr is not None else 1.0
-    return FedAvgM(**_common(config), server_learning_rate=lr, server_momentum=config.server_momentum)
+    lr = config.strategy.server_lr if config.strategy.server_lr is not None else 1.0
+    return FedAvgM(**_common(config), server_learning_rate=lr, server_momentum=config.strategy.server_momentum)
 
 
 STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
     "fedavg": lambda config: FedAvg(**_common(config)),
-    "fedprox": lambda config: FedProx(**_common(config), proximal_mu=config.proximal_mu),
+    "fedprox": lambda config: FedProx(**_common(config), proximal_mu=config.strategy.proximal_mu),
     "fedadam": lambda config: _fedopt(FedAdam, config),
     "fedyogi": lambda config: _fedopt(FedYogi, config),
     "fedadagrad": lambda config: _fedopt(FedAdagrad, config, betas=False),
@@ -119,10 +124,10 @@ STREAMABLE = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
 
 
 def _check_secure_aggregation(config: Config) -> None:
-    if config.strategy not in STREAMABLE:
+    if config.strategy.name not in STREAMABLE:
         raise FedtrainError(
             f"with secure aggregation the server sees only the mean of the updates, and strategy "
-            f"{config.strategy!r} needs each one; use {', '.join(sorted(STREAMABLE))}."
+            f"{config.strategy.name!r} needs each one; use {', '.join(sorted(STREAMABLE))}."
         )
     if central_dp.uses_central_dp(config):
         raise FedtrainError(
@@ -137,14 +142,16 @@ def _check_secure_aggregation(config: Config) -> None:
 
 
 def make_strategy(config: Config) -> Strategy:
-    """The Flower strategy that `config.strategy` names, its parameters checked."""
+    """The Flower strategy that `config.strategy.name` names, its parameters checked."""
     try:
-        build = STRATEGIES[config.strategy]
+        build = STRATEGIES[config.strategy.name]
     except KeyError:
-        raise FedtrainError(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}.") from None
-    if config.secure_aggregation:
+        raise FedtrainError(
+            f"unknown strategy {config.strategy.name!r}; choose one of {', '.join(STRATEGIES)}."
+        ) from None
+    if config.federation.secure_aggregation:
         _check_secure_aggregation(config)
-    if config.strategy == "fedprox" and config.proximal_mu <= 0:
+    if config.strategy.name == "fedprox" and config.strategy.proximal_mu <= 0:
         raise FedtrainError("fedprox needs proximal_mu > 0 (for example 0.01); with 0 it is fedavg.")
     strategy = build(config)
     return central_dp.wrap(config, strategy, sampled(config)) if central_dp.uses_central_dp(config) else strategy
