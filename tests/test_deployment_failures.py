@@ -204,7 +204,7 @@ def test_passphrase_protected_kits(tmp_path) -> None:
     import signal
     import ssl
 
-    provision(tmp_path / "kits", ["127.0.0.1"], 1, passphrase=b"correct horse")
+    provision(tmp_path / "kits", ["127.0.0.1"], 2, passphrase=b"correct horse")  # the server waits for both
     (tmp_path / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
     np.savez(tmp_path / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
     env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200", "KIT_PASS": "correct horse",
@@ -279,7 +279,7 @@ def test_a_sigkilled_passphrase_client_leaves_no_decrypted_key(tmp_path) -> None
     """Issue 13.3: server and client decrypt their keys into memory files handed to Flower's processes
     (/proc/self/fd/N), never to disk; children never see the passphrase. A client killed with SIGKILL,
     and started again, leaves no decrypted key anywhere (TMPDIR, FEDTRAIN_HOME, the whole test folder)."""
-    provision(tmp_path / "kits", ["127.0.0.1"], 1, passphrase=b"correct horse")
+    provision(tmp_path / "kits", ["127.0.0.1"], 2, passphrase=b"correct horse")  # the server waits for both
     (tmp_path / "fed.toml").write_text("rounds = 1\ninput_shape = [1, 8, 8]\nnum_classes = 10\n")
     np.savez(tmp_path / "shard.npz", x=np.zeros((20, 1, 8, 8), dtype=np.float32), y=np.arange(20) % 10)
     (tmp_path / "tmp").mkdir()
