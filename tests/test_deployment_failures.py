@@ -145,7 +145,7 @@ def test_insecure_server_must_be_asked_for_warns_and_still_locks_the_control_pla
     import urllib.error
     import urllib.request
 
-    provision(tmp_path / "kits", ["127.0.0.1"], 1)
+    provision(tmp_path / "kits", ["127.0.0.1"], 2)  # the server waits for two
     (tmp_path / "fed.toml").write_text("rounds = 1\ninput_shape = [4]\nnum_classes = 2\n")
     env = {**os.environ, "FEDTRAIN_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
     procs = Processes(env, tmp_path)
