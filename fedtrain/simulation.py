@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -52,24 +54,31 @@ def prepare(config: Config) -> tuple[Config, Dataset]:
     return config, simulation_test_set(config)
 
 
-def ray_on_loopback() -> None:
-    """Make Ray take 127.0.0.1 as this node's address, so that every server it starts listens there.
+def ray_local_only() -> None:
+    """Keep Ray to this machine and this user's processes: every port on 127.0.0.1, every call
+    authenticated with a token only this process and its children hold. Call before Ray starts.
 
     `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: on Linux Ray swaps a loopback address
     for the machine's routable one (`ray._private.services.resolve_ip_for_localhost`), then binds its
     GCS, raylet, driver and workers on every interface and its runtime-env agent on that address. Ray's
-    local-only mode (its default on macOS and Windows) keeps loopback. Call before Ray starts.
+    local-only mode (its default on macOS and Windows) keeps loopback. On loopback, Ray still answers
+    any local user (node list, key-value store, tasks) unless token authentication is on; Ray reads
+    that setting once, at import, so a process that imported Ray before gets loopback only.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for every process Ray starts
+    if "ray" not in sys.modules:  # Ray fixes its authentication mode when first imported
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # One token per process, inherited by every Ray process; a later simulation here reuses it.
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     from ray._private import ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read once at import, maybe before the line above
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read once at import, maybe before the first line
 
 
 def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
     """Ray on this machine only, one CPU per simulated client, quiet, its files in `ray_dir`.
 
-    Every Ray port is on 127.0.0.1 only once `ray_on_loopback()` has run."""
+    Every Ray port is on 127.0.0.1 only once `ray_local_only()` has run."""
     cpus = max(1, min(os.cpu_count() or 1, config.clients))
     gpu_count = 0
     if resolve_device(config.device).type == "cuda":
@@ -124,7 +133,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """Prepare, then run the whole federated training (or, with `resume`, its remaining rounds);
     returns the metrics history (one row per round, the resumed ones included)."""
-    ray_on_loopback()
+    ray_local_only()
     from flwr.simulation import run_simulation
 
     config, test_set = prepare(config)

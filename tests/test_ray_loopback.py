@@ -102,14 +102,69 @@ def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
 
 
 def test_ray_local_mode_names_relied_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Ray internals `ray_on_loopback` sets: if an upgrade renames them, this fails first."""
+    """The Ray internals `ray_local_only` sets: if an upgrade renames them, this fails first."""
     from ray._private import ray_constants, services
 
-    from fedtrain.simulation import ray_on_loopback
+    from fedtrain.simulation import ray_local_only
 
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # restored after the test, as is the variable
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
-    ray_on_loopback()
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # restored after the test, as are the variables
+    for name, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    ray_local_only()
     assert ray_constants.ENABLE_RAY_CLUSTER is False
-    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+    # Ray is imported here, its authentication mode fixed: switching it now would lock the driver out.
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
+
+
+HOLDER = """
+import sys, tempfile
+from fedtrain.simulation import ray_local_only
+ray_local_only()
+import os, ray
+ctx = ray.init(num_cpus=1, num_gpus=0, _temp_dir=tempfile.mkdtemp(prefix="ftray-"), _node_ip_address="127.0.0.1",
+               include_dashboard=False, log_to_driver=False, logging_level="error")
+print(ctx.address_info["gcs_address"], os.environ["RAY_AUTH_TOKEN"], flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+OUTSIDER = """
+import sys
+from ray._raylet import GcsClient
+print("nodes", len(GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)))
+"""
+
+
+# Measured 9 s here (one Ray start); the timeout leaves a busy machine 10x.
+@pytest.mark.timeout(120)
+def test_ray_refuses_a_local_process_without_the_token(tmp_path: Path) -> None:
+    """Another local user reaches loopback too: without the run's token, Ray's GCS tells it nothing
+    (the node list here; its key-value store and task submission are behind the same check)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        line = holder.stdout.readline().split()  # bounded by the test's timeout
+        assert len(line) == 2, "Ray did not start"
+        gcs, token = line
+
+        def outsider(extra: dict[str, str]) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", OUTSIDER, gcs], env={**env, **extra},
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+
+        refused = outsider({})
+        assert refused.returncode != 0 and "Authentication" in refused.stderr, refused.stdout + refused.stderr
+        allowed = outsider({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})  # the same call, with the token
+        assert allowed.stdout.strip() == "nodes 1", allowed.stderr
+    finally:
+        tree = descendants(holder.pid)
+        with contextlib.suppress(OSError):
+            holder.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            holder.wait(timeout=30)  # a clean ray.shutdown()
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        holder.wait(timeout=10)
