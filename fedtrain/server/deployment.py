@@ -35,7 +35,9 @@ from fedtrain.processes import (
 )
 from fedtrain.security.kits import read_kit, unlocked_key
 from fedtrain.server import checkpoint
+from fedtrain.server.fleet_auth import NodeKeys
 from fedtrain.server.fleet_gateway import FleetGateway
+from fedtrain.server.fleet_limits import gateway_limits
 from fedtrain.server.history import METRICS_JSON
 from fedtrain.server.model_files import MODEL_FILE
 from fedtrain.strategies import make_strategy
@@ -190,10 +192,18 @@ class Server:
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
         if not insecure:
             self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal
-        self.gateway = FleetGateway(self.options.host, self.options.port, self.internal_port, None if insecure else tls)
+        self.gateway = self.fleet_gateway(None if insecure else tls)
         self.gateway.start()
         mode = "NO TLS, unauthenticated nodes" if insecure else "TLS, authenticated nodes only"
         self.say(f"SuperLink ready; Fleet API ({mode}) on {self.options.host}:{self.options.port}")
+
+    def fleet_gateway(self, tls: tuple[Path, Path, Path] | None) -> FleetGateway:
+        """The public port, bounded for this run's model, refusing unsigned requests unless insecure."""
+        keys = None
+        if tls is not None:
+            keys = NodeKeys.from_files(self.kit / "clients" / f"{name}.pub" for name in self.info["clients"])
+        limits = gateway_limits(self.config)
+        return FleetGateway(self.options.host, self.options.port, self.internal_port, tls, limits, keys)
 
     def register_clients(self) -> None:
         for name in self.info["clients"]:
