@@ -55,7 +55,7 @@ def _rss(pid: int) -> int:
 def _superlink(pid: int) -> int | None:
     for child in descendants(pid):
         with contextlib.suppress(OSError):
-            if b"flower-superlink" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"fedtrain.server.control_guard" in Path(f"/proc/{child}/cmdline").read_bytes():
                 return child
     return None
 

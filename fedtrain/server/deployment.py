@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from fedtrain.processes import (
 )
 from fedtrain.security.kits import read_kit, unlocked_key
 from fedtrain.server import checkpoint
+from fedtrain.server.control_guard import TOKEN_FILE_ENV, new_token, write_cli_credentials
 from fedtrain.server.fleet_auth import NodeKeys
 from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.fleet_limits import gateway_limits
@@ -180,7 +182,7 @@ class Server:
                   "--enable-supernode-auth"]
         )  # fmt: skip
         argv = [
-            tool("flower-superlink"),
+            sys.executable, "-m", "fedtrain.server.control_guard",  # flower-superlink, its Control API behind a token
             *security,
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
@@ -188,7 +190,8 @@ class Server:
         ]  # fmt: skip
         if self.options.database is not None:
             argv += ["--database", str(self.options.database)]
-        self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log")
+        env = {**self.env, TOKEN_FILE_ENV: str(self.control_token())}
+        self.superlink = ManagedProcess("SuperLink", argv, env, self.run_dir / "superlink.log")
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
         if not insecure:
             self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal
@@ -196,6 +199,13 @@ class Server:
         self.gateway.start()
         mode = "NO TLS, unauthenticated nodes" if insecure else "TLS, authenticated nodes only"
         self.say(f"SuperLink ready; Fleet API ({mode}) on {self.options.host}:{self.options.port}")
+
+    def control_token(self) -> Path:
+        """A fresh Control API token, for the SuperLink (the returned 0600 file) and this server's `flwr` calls."""
+        assert self.private_dir is not None
+        token, path = new_token(self.private_dir)
+        write_cli_credentials(self.flwr_home, f"127.0.0.1:{self.internal_port}", token)
+        return path
 
     def fleet_gateway(self, tls: tuple[Path, Path, Path] | None) -> FleetGateway:
         """The public port, bounded for this run's model, refusing unsigned requests unless insecure."""
