@@ -138,7 +138,7 @@ class _Connection:
             forwarded = [(k, v) for k, v in headers if k not in HOP_BY_HOP and k != "accept-encoding"]
             try:
                 reply = gateway.client.post(path, content=body, headers=forwarded)
-            except httpx.HTTPError:
+            except (httpx.HTTPError, RuntimeError):  # RuntimeError: the client closed as the server stops
                 raise _Refusal(502, "the SuperLink did not answer") from None
             del body
             out = [(k, v) for k, v in reply.headers.multi_items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}]
@@ -257,6 +257,8 @@ class _Gateway:
             _Connection(self, sock, address).serve()
         except (OSError, ssl.SSLError, h11.ProtocolError):
             pass  # the client went away, stalled or spoke garbage: its connection just ends
+        except Exception as error:  # noqa: BLE001 - one line in the log, not a thread's traceback
+            log.warning("gateway: a connection from %s ended on %s: %s", address, type(error).__name__, error)
         finally:
             with self.lock:
                 self.connections[address] -= 1
