@@ -37,7 +37,7 @@ def _outsider_flwr(home: Path, *args: str) -> dict:
     return json.loads(out[out.index("{") :]) if "{" in out else {"success": False, "raw": out + result.stderr}
 
 
-# Measured 35 s here (a SuperLink start, key registration, seven `flwr` calls); a busy machine may take 5x.
+# Measured 10-13 s here (a SuperLink start, key registration, six `flwr` calls); a busy machine may take 5x.
 @pytest.mark.timeout(240)
 def test_only_the_server_reaches_its_control_api(tmp_path: Path) -> None:
     provision(tmp_path / "kits", ["127.0.0.1"], 1)
@@ -146,7 +146,7 @@ with httpx.Client(base_url=sys.argv[1], verify=False, timeout=30) as client:
 """
 
 
-# Measured 12 s here; it needs root outside a user namespace (`make test` runs in one: it skips there).
+# Measured 4 s here; it needs root outside a user namespace (`make test` runs in one: it skips there).
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(os.geteuid() != 0 or not TCP_TABLE.exists(), reason="needs root to act as another user, on Linux")
 def test_another_users_process_gets_nothing_from_the_superlink(tmp_path: Path) -> None:

@@ -240,6 +240,18 @@ def test_requests_in_flight_are_capped_with_a_retryable_503() -> None:
     assert len(upstream.seen) == 2
 
 
+def test_requests_per_second_are_capped_per_client_with_a_retryable_503() -> None:
+    limits = replace(LIMITS, requests_per_second=1.0, request_burst=3)
+    with gateway(limits) as (port, upstream), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        codes = [client.post("/v1/fleet/get-run", content=b"x").status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and 503 in codes[3:], codes
+        time.sleep(1.2)  # the bucket refills at 1 request a second
+        assert client.post("/v1/fleet/get-run", content=b"x").status_code == 200
+        other = raw(port, post_head("/v1/fleet/get-run", 1) + b"x", source="127.0.0.2")
+        assert other.startswith(b"HTTP/1.1 200")  # another client has its own bucket
+    assert len(upstream.seen) == 3 + codes[3:].count(200) + 2
+
+
 def _node_key(tmp_path: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, Path]:
     key = ec.generate_private_key(ec.SECP384R1())
     path = tmp_path / f"{name}.pub"

@@ -162,7 +162,7 @@ class Children:
             child.wait(timeout=10)
 
 
-# Measured 150 s on the shared 2-core machine (start-up about 60 s; the flood takes CPU from the round).
+# Measured 136 s on the shared 2-core machine (start-up about 60 s; the flood takes CPU from the rounds).
 @pytest.mark.timeout(900)
 def test_a_flood_on_the_public_port_leaves_memory_bounded_and_the_round_completes(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits

@@ -65,7 +65,7 @@ def _kill_tree(pid: int, namespace: bool) -> None:
             os.kill(child, signal.SIGKILL)
 
 
-# Measured 21 s on the shared 2-core machine (Ray's start-up dominates); a busy machine may take 5x.
+# Measured 21-30 s on the shared 2-core machine (Ray's start-up dominates); a busy machine may take 5x.
 @pytest.mark.timeout(360)
 def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
     namespace = _private_network_available()
@@ -137,7 +137,7 @@ print("nodes", len(GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10))
 """
 
 
-# Measured 9 s here (one Ray start); the timeout leaves a busy machine 10x.
+# Measured 10 s here (one Ray start); the timeout leaves a busy machine 10x.
 @pytest.mark.timeout(120)
 def test_ray_refuses_a_local_process_without_the_token(tmp_path: Path) -> None:
     """Another local user reaches loopback too: without the run's token, Ray's GCS tells it nothing

@@ -10,10 +10,10 @@ Flower. SuperNode authentication headers pass through untouched.
 The port faces the network, so every resource a request can hold is bounded (fleet_limits.py):
 connections (in all and per address), the time to finish a TLS handshake, a request head, a body
 and a reply, the head's size, the body's size (from the run's model, counted while reading, 413
-past it), and the requests in flight (per node and in all; 503 when full, which Flower's SuperNode
-retries). With node authentication on, the signature headers are checked before any body is read
-(fleet_auth.py), so an outsider never gets a body read at all, except on the four node-lifecycle
-endpoints, which the SuperLink answers itself (their bodies are small).
+past it), the requests in flight (per node and in all) and per second (per node; 503 past either,
+which Flower's SuperNode retries). With node authentication on, the signature headers are checked
+before any body is read (fleet_auth.py), so an outsider never gets a body read at all, except on the
+four node-lifecycle endpoints, which the SuperLink answers itself (their bodies are small).
 
 One thread per connection, blocking sockets with deadlines, h11 for HTTP/1.1 (what Flower's
 SuperNode speaks). A general-purpose ASGI server has no timeout on a request's head or body, which
@@ -86,6 +86,26 @@ class _RefusalLog:
                 return
             count, self.last[reason], self.count[reason] = self.count[reason], now, 0
         log.warning("gateway refused %s (%s; %d such since the last line)", address, reason, count)
+
+
+class _Rates:
+    """A token bucket per client: `rate` requests a second, `burst` at once. Not thread-safe: the caller locks."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[object, tuple[float, float]] = {}  # client -> (tokens, when)
+
+    def take(self, client: object) -> bool:
+        now = time.monotonic()
+        tokens, when = self.buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+        if len(self.buckets) > 4096:  # forget clients whose bucket has refilled: they cost nothing to recreate
+            self.buckets = {c: b for c, b in self.buckets.items() if b[0] + (now - b[1]) * self.rate < self.burst}
+        if tokens < 1.0:
+            self.buckets[client] = (tokens, now)
+            return False
+        self.buckets[client] = (tokens - 1.0, now)
+        return True
 
 
 class _Connection:
@@ -237,6 +257,7 @@ class _Gateway:
         self.connections: Counter[str] = Counter()
         self.in_flight: Counter[object] = Counter()
         self.open: set[socket.socket] = set()
+        self.rates = _Rates(limits.requests_per_second, limits.request_burst)
         self.refused = _RefusalLog()
 
     def admit(self, sock: socket.socket, address: str) -> bool:
@@ -290,6 +311,8 @@ class _Gateway:
     def slot(self, client: object, large: bool):
         """Hold one of the requests in flight (per client, then in all) while a body is in memory."""
         with self.lock:
+            if not self.rates.take(client):
+                raise _Refusal(503, "too many requests per second from this client")
             if self.in_flight[client] >= self.limits.requests_per_client:
                 raise _Refusal(503, "too many requests in flight from this client")
             self.in_flight[client] += 1

@@ -41,6 +41,10 @@ class GatewayLimits:
     # In flight per node key (per address without node auth). A SuperNode has at most 4: its main loop,
     # its heartbeat and Flower's 2 object-transfer workers; one node cannot take all the large slots.
     requests_per_client: int = 4
+    # Per node key (per address without node auth), over time: far above a SuperNode's heartbeats, polls and
+    # object transfers (5 MiB each), low enough that one member cannot keep the SuperLink busy alone.
+    requests_per_second: float = 50.0
+    request_burst: int = 200
     max_connections: int = 512
     connections_per_address: int = 64  # SuperNodes behind one NAT share an address
     handshake_timeout: float = 10.0  # TLS
