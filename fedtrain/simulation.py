@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,8 +55,31 @@ def prepare(config: Config) -> tuple[Config, Dataset]:
     return config, simulation_test_set(config)
 
 
+def ray_local_only() -> None:
+    """Keep Ray to this machine and this user's processes: every port on 127.0.0.1, every call
+    authenticated with a token only this process and its children hold. Call before Ray starts.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: on Linux Ray swaps a loopback address
+    for the machine's routable one (`ray._private.services.resolve_ip_for_localhost`), then binds its
+    GCS, raylet, driver and workers on every interface and its runtime-env agent on that address. Ray's
+    local-only mode (its default on macOS and Windows) keeps loopback. On loopback, Ray still answers
+    any local user (node list, key-value store, tasks) unless token authentication is on; Ray reads
+    that setting once, at import, so a process that imported Ray before gets loopback only.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for every process Ray starts
+    if "ray" not in sys.modules:  # Ray fixes its authentication mode when first imported
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # One token per process, inherited by every Ray process; a later simulation here reuses it.
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read once at import, maybe before the first line
+
+
 def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
-    """Ray on this machine only, one CPU per simulated client, quiet, its files in `ray_dir`."""
+    """Ray on this machine only, one CPU per simulated client, quiet, its files in `ray_dir`.
+
+    Every Ray port is on 127.0.0.1 only once `ray_local_only()` has run."""
     cpus = max(1, min(os.cpu_count() or 1, config.federation.clients))
     gpu_count = 0
     if resolve_device(config.training.device).type == "cuda":
@@ -119,11 +144,14 @@ def run(
 
     `prepared` is what `prepare` returned for this config, when the caller checked the inputs first
     (the CLI does, before it creates a key or names a run directory): the data is not loaded twice."""
+    ray_local_only()
     from flwr.simulation import run_simulation
 
     described, test_set = prepared if prepared is not None else prepare(config)
     config = config.replace(
-        labels=described.data.labels, num_classes=described.data.num_classes, input_shape=described.data.input_shape
+        labels=described.data.labels,
+        num_classes=described.data.num_classes,
+        input_shape=described.data.input_shape,
     )
     rows: list[dict[str, Any]] = []
 
