@@ -188,7 +188,7 @@ class RunPlan:
                 str(data["accountant"]),
                 str(data["settings"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise FedtrainError(f"a stored run plan is damaged ({exc}); it cannot be trusted.") from None
 
 

@@ -101,6 +101,6 @@ class PrivacyLedger:
             if not 0 < delta < 1:
                 raise ValueError(f"delta {delta} is out of range")
             entries = [LedgerEntry.from_dict(e) for e in data.get("entries", [])]
-        except (KeyError, TypeError, ValueError, AttributeError, FedtrainError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError, FedtrainError) as exc:
             raise FedtrainError(f"a privacy ledger is damaged ({exc}); it cannot be trusted.") from None
         return cls(delta=delta, entries=entries, accountant=accountant)
