@@ -83,8 +83,14 @@ def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
         deadline = time.monotonic() + 300
         while child.poll() is None:
             assert time.monotonic() < deadline, "the simulation did not finish in 300 s"
+            # The child's namespace is read before its processes: it moves out of ours once, never back,
+            # so a namespace read first cannot be ours while the processes listed after it are.
+            moved = not namespace or _namespace(child.pid) not in ("", _namespace(os.getpid()))
             pids = same_network_namespace(child.pid) if namespace else descendants(child.pid)
-            if pids and not (namespace and _namespace(child.pid) == _namespace(os.getpid())):  # not yet moved
+            if namespace and child.pid in pids:
+                pids.remove(child.pid)
+                pids.insert(0, child.pid)  # listeners() reads the namespace of pids[0]: the child's
+            if pids and moved:
                 for listener in listeners(pids, whole_namespace=namespace):
                     seen[(listener.proto, str(listener.address), listener.port)] = listener
             outside = [str(entry) for entry in seen.values() if not entry.loopback]
