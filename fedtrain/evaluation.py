@@ -10,7 +10,7 @@ from torch import nn
 from fedtrain.data import Dataset, Transformed
 from fedtrain.tasks import Classification, Task
 
-BATCH = 1024
+BATCH = 256  # examples evaluated at a time: memory bounded whatever the split's size
 
 
 @torch.no_grad()

@@ -40,7 +40,9 @@ def test_a_round_full_of_empty_poisson_batches_trains_with_the_cpu_fast_mode() -
     # (all 64 drawing one is a 1e-12 chance). Expanded weights, the CPU's mode for the CNN, refuse such
     # batches: the trainer must still run them as noise-only steps and count each one.
     rng = np.random.default_rng(0)
-    data = ArrayDataset(rng.random((32, 1, 6, 6), dtype=np.float32), (np.arange(32) % 3).astype(np.int64), ["a", "b", "c"])
+    data = ArrayDataset(
+        rng.random((32, 1, 6, 6), dtype=np.float32), (np.arange(32) % 3).astype(np.int64), ["a", "b", "c"]
+    )
     model = build_model("cnn", [1, 6, 6], 3, seed=0)
     assert choose_grad_sample_mode(model, [1, 6, 6], torch.device("cpu")) == "ew"
     before = [p.detach().clone() for p in model.parameters()]

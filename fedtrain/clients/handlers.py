@@ -53,6 +53,24 @@ log = logging.getLogger("fedtrain")
 _IN_MEMORY = ClientSetup()  # handlers called directly (tests) keep their ledgers here
 
 
+def _return_large_buffers() -> None:
+    """Large buffers (a batch of images, 1 MiB and more) get their own pages and go back to the system
+    when freed. glibc raises this threshold after each such free, then serves batches from a heap that
+    fragments and keeps growing with the number of batches a shard has: a client's memory would grow
+    with its data, which shards read lazily are meant to avoid."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc: its allocator, its ways
+            pass
+
+
+_return_large_buffers()
+
+
 class ClientFailure(Exception):
     """A failure on this client, with the only thing about it the server may learn: its category."""
 

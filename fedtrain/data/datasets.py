@@ -179,21 +179,24 @@ class CsvDataset(Dataset):
 
 
 class TorchDataset(Dataset):
-    """Any map-style torch Dataset of (features, target) pairs; features become float32 numpy arrays."""
+    """Any map-style torch Dataset of (features, target) pairs; features become float32 numpy arrays.
 
-    def __init__(self, dataset: Any, class_names: list[str] | None, target_map: Callable[[Any], Any]) -> None:
-        self.dataset, self.class_names, self.target_map = dataset, class_names, target_map
+    The targets are read once, when it is wrapped, and encoded as the task needs (class ids numbered
+    like every client's): `targets` here, in the dataset's order."""
+
+    def __init__(self, dataset: Any, targets: np.ndarray, class_names: list[str] | None) -> None:
+        self.dataset, self.target_values, self.class_names = dataset, targets, class_names
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Item:
-        x, y = self.dataset[index]
+        x = self.dataset[index][0]
         array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-        return features(array), self.target_map(y)
+        return features(array), self.target_values[index]
 
     def targets(self) -> np.ndarray:
-        return np.stack([np.asarray(self[i][1]) for i in range(len(self))]) if len(self) else np.zeros(0)
+        return self.target_values
 
 
 class Subset(Dataset):

@@ -37,7 +37,7 @@ class ShardIdentity:
         return bool(np.any(other_digests[positions] == self.digests))
 
 
-def identify(dataset: Records, batch: int = 1024) -> ShardIdentity:
+def identify(dataset: Records, batch: int = 256) -> ShardIdentity:
     """The identity of a shard, from its records as fedtrain reads them (float32 features, targets),
     so the same records in another file format are the same shard. Read a batch at a time.
 
@@ -48,16 +48,19 @@ def identify(dataset: Records, batch: int = 1024) -> ShardIdentity:
     Returns:
         Its ShardIdentity.
     """
-    digests: list[bytes] = []
+    # one array for every digest, allocated once: thousands of small objects kept between batches
+    # would pin the heap's pages, and a client's memory would grow with its shard
+    digests = np.zeros((len(dataset), DIGEST_BYTES), dtype=np.uint8)
     shape = b""
     for start in range(0, len(dataset), batch):
         x, y = dataset.batch(np.arange(start, min(start + batch, len(dataset))))
         x, y = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)
         shape = shape or repr((x.shape[1:], y.dtype.str, y.shape[1:])).encode()
-        digests += [_digest(x[i].tobytes() + b"|" + y[i].tobytes()) for i in range(len(y))]
-    digests.sort()
-    fingerprint = hashlib.sha256(shape + b"".join(digests)).hexdigest()
-    short = np.unique(np.frombuffer(b"".join(d[:8] for d in digests), dtype="<u8"))
+        for i in range(len(y)):
+            digests[start + i] = np.frombuffer(_digest(x[i].tobytes() + b"|" + y[i].tobytes()), dtype=np.uint8)
+    ordered = np.sort(digests.view(f"V{DIGEST_BYTES}").ravel())
+    fingerprint = hashlib.sha256(shape + ordered.tobytes()).hexdigest()
+    short = np.unique(np.ascontiguousarray(digests[:, :8]).view("<u8").ravel())
     return ShardIdentity(fingerprint, len(digests), short)
 
 

@@ -144,7 +144,7 @@ class ClientPolicy:
             max_run_epsilon=config.effective_max_epsilon if config.effective_max_epsilon is not None else math.inf,
             max_lifetime_epsilon=math.inf,
             delta=config.privacy.delta,
-            min_noise_multiplier=min(cls.min_noise_multiplier, config.privacy.noise_multiplier or math.inf),
+            min_noise_multiplier=1e-9,  # the run's own noise, fixed or calibrated to its own target
             max_sample_rate=1.0,
             max_eval_fraction=max(config.data.eval_fraction, 0.9),
             metrics=config.privacy.metrics,
