@@ -62,10 +62,8 @@ def _return_large_buffers() -> None:
     import sys
 
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator, its ways
             ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc: its allocator, its ways
-            pass
 
 
 _return_large_buffers()
@@ -128,7 +126,7 @@ def _splits(
         shard, seed = load_shard(data_path, config, target_kind=target_kind), config.federation.seed
     else:
         assert partition_id is not None  # a simulated node
-        shard = simulation_shard(config, partition_id, source)
+        shard = simulation_shard(config, partition_id, source, target_kind)
         seed = config.federation.seed * 1_000_003 + partition_id
     train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
     return shard.subset(train_idx), shard.subset(held_idx), identify(shard)

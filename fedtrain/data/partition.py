@@ -96,36 +96,36 @@ def _split(config: Config, source: Dataset) -> Split:
 
 
 @functools.lru_cache(maxsize=4)
-def _split_of_config(key: tuple) -> Split:
-    from fedtrain.tasks import build_task  # the task says whether targets are class ids or values
-
+def _split_of_config(key: tuple, target_kind: str) -> Split:
     config = Config.from_run_config(dict(key))
-    kind = build_task(config.training.task, config.data.target_range).target_kind
-    return _split(config, load_source(config, kind))
+    return _split(config, load_source(config, target_kind))
 
 
 _GIVEN: dict[tuple[int, tuple], Split] = {}  # splits of datasets given as objects (fedtrain.simulate)
 
 
-def simulation_split(config: Config, source: Dataset | None = None) -> Split:
-    """How a simulation splits its dataset (the config's, or `source`): seeded, the same in every process."""
+def simulation_split(config: Config, source: Dataset | None = None, target_kind: str = "classes") -> Split:
+    """How a simulation splits its dataset (the config's, read with targets of `target_kind`, or
+    `source`): seeded, the same in every process."""
     key = tuple(sorted(config.to_run_config().items()))
     if source is None:
-        return _split_of_config(key)
+        return _split_of_config(key, target_kind)
     if (id(source), key) not in _GIVEN:
         _GIVEN.clear()  # one run's dataset at a time
         _GIVEN[(id(source), key)] = _split(config, source)
     return _GIVEN[(id(source), key)]
 
 
-def simulation_shard(config: Config, partition_id: int, source: Dataset | None = None) -> Dataset:
+def simulation_shard(
+    config: Config, partition_id: int, source: Dataset | None = None, target_kind: str = "classes"
+) -> Dataset:
     """The shard simulated client `partition_id` holds (same in every process: seeded)."""
-    train, _, parts = simulation_split(config, source)
+    train, _, parts = simulation_split(config, source, target_kind)
     if not 0 <= partition_id < len(parts):
         raise FedtrainError(f"partition {partition_id} does not exist: the run has {len(parts)} clients.")
     return train.subset(parts[partition_id])
 
 
-def simulation_test_set(config: Config, source: Dataset | None = None) -> Dataset:
+def simulation_test_set(config: Config, source: Dataset | None = None, target_kind: str = "classes") -> Dataset:
     """The global test split the server evaluates on in simulation (never given to a client)."""
-    return simulation_split(config, source)[1]
+    return simulation_split(config, source, target_kind)[1]
