@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -92,8 +94,38 @@ def _check_task(model: torch.nn.Module, shard: Dataset, task: Task) -> None:
     task.check(model(torch.from_numpy(x)), torch.from_numpy(np.asarray(y)))
 
 
+_RAY_TOKEN: str | None = None  # set once, before Ray is first imported
+
+
+def ray_local_only() -> None:
+    """Keep Ray to this machine and this user's processes: every port on 127.0.0.1, every call
+    authenticated with a token only this process and its children hold. Call before Ray starts.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: on Linux Ray swaps a loopback address
+    for the machine's routable one (`ray._private.services.resolve_ip_for_localhost`), then binds its
+    GCS, raylet, driver and workers on every interface and its runtime-env agent on that address. Ray's
+    local-only mode (its default on macOS and Windows) keeps loopback. On loopback, Ray still answers
+    any local user (node list, key-value store, tasks) unless token authentication is on; Ray reads
+    that setting once, at import, so a process that imported Ray before gets loopback only.
+    """
+    global _RAY_TOKEN
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for every process Ray starts
+    if "ray" not in sys.modules and _RAY_TOKEN is None:  # Ray fixes its authentication mode when first imported
+        _RAY_TOKEN = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+    if _RAY_TOKEN is not None:
+        # One token per process, inherited by every Ray process; a later simulation here reuses it (the
+        # Python API puts the caller's environment back after each call: the token lives here meanwhile).
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = _RAY_TOKEN
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read once at import, maybe before the first line
+
+
 def backend_config(config: Config, ray_dir: str) -> dict[str, Any]:
-    """Ray on this machine only, one CPU per simulated client, quiet, its files in `ray_dir`."""
+    """Ray on this machine only, one CPU per simulated client, quiet, its files in `ray_dir`.
+
+    Every Ray port is on 127.0.0.1 only once `ray_local_only()` has run."""
     cpus = max(1, min(os.cpu_count() or 1, config.federation.clients))
     gpu_count = 0
     if resolve_device(config.training.device).type == "cuda":
@@ -159,6 +191,7 @@ def run(
 
     `prepared` is what `prepare` returned for this config, when the caller checked the inputs first
     (the CLI does, before it creates a key or names a run directory): the data is not loaded twice."""
+    ray_local_only()
     from flwr.simulation import run_simulation
 
     described, test_set = prepared if prepared is not None else prepare(config, components)

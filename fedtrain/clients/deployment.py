@@ -123,6 +123,14 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
         )
         port_retries, told = 2, False
         session_expires = _crashed_session_expiry(state, options.server)
+        if session_expires > time.time():
+            # Rejoining the moment the SuperLink lets the old session go would race the ServerApp: a
+            # message the crashed client held gets its error reply only while the node is offline.
+            say(f"{name}: the server still holds this client's previous session (did it crash?); "
+                f"waiting {session_expires - time.time():.0f} s for it to expire")  # fmt: skip
+            told = True
+            time.sleep(max(0.0, session_expires - time.time()))
+            session_expires = time.time() + 2 * HEARTBEAT_INTERVAL  # then retry a little, if it still holds it
         while True:
             runtime_port = free_port()
             argv = [
