@@ -98,55 +98,37 @@ def simulate(
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume", "policy")}
-    from fedtrain import simulation
+    from fedtrain import api
     from fedtrain.config import resolve
     from fedtrain.privacy.policy import ClientPolicy
-    from fedtrain.security.keys import load_model_key
-    from fedtrain.strategies import make_strategy
 
     if resume is not None:
         config, overrides["run_dir"] = _resumed_config(resume, config, run_dir), str(resume)
     resolved = resolve(config, overrides)
-    make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
     client_policy = ClientPolicy.load(policy) if policy is not None else None
-    path = resume if resume is not None else _new_run_dir(resolved.deployment.run_dir)
-    prepared = simulation.prepare(resolved)  # data, model, device: checked before a key or anything is created
-    model_key = load_model_key(resolved.deployment.key_file, create_local=resume is None)
-    resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
-    console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
-    if resume is not None:
-        from fedtrain.server.checkpoint import preflight
-
-        done = preflight(resolved)
-        console.print(f"run directory: {path} (resuming after round {done} of {resolved.federation.rounds})")
-    else:
-        console.print(f"run directory: {path}")
-
-    rows: list[dict[str, Any]] = earlier_rows(path) if resume is not None else []
+    rows: list[dict[str, Any]] = earlier_rows(resume) if resume is not None else []
     client_level = resolved.privacy.central_dp != "off"
-    with Live(
-        round_table(rows, resolved.federation.rounds, client_level), console=console, refresh_per_second=4
-    ) as live:
+    live = Live(round_table(rows, resolved.federation.rounds, client_level), console=console, refresh_per_second=4)
 
-        def on_round(row: dict[str, Any]) -> None:
-            rows.append(row)
-            live.update(round_table(rows, resolved.federation.rounds, client_level))
+    def announce(text: str) -> None:  # where the key and the run are: said before the table starts
+        console.print(text, highlight=False)
+        if text.startswith("run directory"):
+            live.start()
 
-        try:
-            simulation.run(
-                resolved,
-                on_round=on_round,
-                verbose=verbose,
-                resume=resume is not None,
-                policy=client_policy,
-                prepared=prepared,
-            )
-        except FedtrainError:
-            live.stop()
-            print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
-            raise
+    def on_round(row: dict[str, Any]) -> None:
+        rows.append(row)
+        live.update(round_table(rows, resolved.federation.rounds, client_level))
+
+    try:
+        result = api.run(resolved, policy=client_policy, on_round=on_round, verbose=verbose,
+                         resume=resume is not None, announce=announce)  # fmt: skip
+    except FedtrainError:
+        live.stop()
+        print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
+        raise
+    live.stop()
     console.print()
-    print_summary(console, path, rows)
+    print_summary(console, result.run_dir, rows)
 
 
 def _resumed_config(resume: Path, config: Path | None, run_dir: str | None) -> Path:

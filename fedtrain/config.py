@@ -58,6 +58,9 @@ class DataConfig:
     test_fraction: float = 0.1  # simulation: of the dataset, the server's central test split
     partition: Partition = "iid"  # simulation: how the dataset is split into shards
     alpha: float = 0.5  # Dirichlet concentration (smaller: more label skew)
+    image_size: list[int] | None = None  # image folders: resize every image to [height, width]
+    num_outputs: int | None = None  # regression: target values per sample (unset: from the data, else 1)
+    target_range: list[float] | None = None  # regression: the targets' public range [low, high]
 
 
 @dataclass
@@ -118,6 +121,7 @@ class TrainingConfig:
     # The demo's defaults, chosen by a search over DP-FedAvg settings on digits at epsilon 3
     # (docs/privacy.md): logistic regression, large Poisson batches, two local epochs.
     model: str = "logistic"
+    task: str = "classification"  # classification, regression, multilabel, or MODULE:NAME (fedtrain/tasks.py)
     hidden: int = 32
     lr: float = 1.0
     momentum: float = 0.0
@@ -271,6 +275,14 @@ class Config:
             )
         if data.input_shape is not None and (not data.input_shape or any(int(d) < 1 for d in data.input_shape)):
             raise FedtrainError(f"input_shape must be positive sizes, not {data.input_shape}.")
+        if data.image_size is not None and (len(data.image_size) != 2 or min(data.image_size) < 1):
+            raise FedtrainError(f"image_size must be [height, width], two positive sizes, not {data.image_size}.")
+        if data.num_outputs is not None and data.num_outputs < 1:
+            raise FedtrainError(f"num_outputs must be at least 1, not {data.num_outputs}.")
+        if data.target_range is not None and (
+            len(data.target_range) != 2 or not data.target_range[0] < data.target_range[1]
+        ):
+            raise FedtrainError(f"target_range must be [low, high] with low < high, not {data.target_range}.")
         _positive(fed, "secagg_update_bound")
         _in_range(fed, "secagg_threshold", 0.0, 1.0, low_open=True)
         return self
@@ -369,7 +381,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             item = get_args(next(a for a in get_args(hint) if a is not type(None)))[0]
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return [int(v) for v in value] if item is int else [str(v) for v in value]
+            if item is int:
+                return [int(v) for v in value]
+            if item is float:
+                return [float(v) for v in value]
+            return [str(v) for v in value]
         if kind is bool:
             if not isinstance(value, bool):
                 raise TypeError

@@ -14,6 +14,7 @@ tests/test_reply_fields.py checks every reply of a default client against it.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,9 @@ RUN_ID, PROXIMAL_MU = "fedtrain-run", "proximal-mu"
 
 # client -> server, in METRICS
 NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS, EVAL_LOSS, EVAL_ACCURACY = "train-loss", "eval-loss", "eval-accuracy"
+TRAIN_LOSS = "train-loss"
+EVAL = "eval-"  # prefix: eval-<value>, the released mean of one of the task's per-example values
+EVAL_LOSS, EVAL_ACCURACY = "eval-loss", "eval-accuracy"  # classification's two values
 STD = "-std"  # suffix: the noise's standard deviation on a released metric
 SECAGG_SCALED, SECAGG_CLIPPED = "secagg-scaled", "secagg-clipped-values"
 UNIT_WEIGHT = "unit-weight"  # set by the server's screening (never by a client): uniform means
@@ -63,10 +66,8 @@ REPLY_FIELDS: dict[tuple[str, str], str] = {
     (METRICS, NUM_EXAMPLES): "public",
     (METRICS, TRAIN_LOSS): "gaussian",
     (METRICS, TRAIN_LOSS + STD): "public",
-    (METRICS, EVAL_LOSS): "gaussian",
-    (METRICS, EVAL_LOSS + STD): "public",
-    (METRICS, EVAL_ACCURACY): "gaussian",
-    (METRICS, EVAL_ACCURACY + STD): "public",
+    (METRICS, EVAL + "*" + STD): "public",
+    (METRICS, EVAL + "*"): "gaussian",  # every value of the task: eval-loss, eval-accuracy, eval-abs_error...
     (METRICS, SECAGG_SCALED): "dp-sgd",
     (METRICS, SECAGG_CLIPPED): "dp-sgd",
     **{
@@ -86,6 +87,18 @@ REPLY_FIELDS: dict[tuple[str, str], str] = {
     (STATUS, ERROR): "public",
     (STATUS, CLIENT_ID): "public",
 }
+
+
+def cover(record: str, key: str) -> str | None:
+    """What covers field `key` of record `record` (REPLY_FIELDS, first matching pattern), or None."""
+    for (name, pattern), what in REPLY_FIELDS.items():
+        if name == record and fnmatch.fnmatchcase(key, pattern):
+            return what
+    return None
+
+
+def eval_key(value: str) -> str:
+    return EVAL + value
 
 
 # ---------------------------------------------------------------- record values

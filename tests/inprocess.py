@@ -65,9 +65,17 @@ class LocalGrid:
 
 
 class AppGrid(LocalGrid):
-    def __init__(self, config: Config, *, keys_for=None, ledger_key: bytes | None = None, fault: Fault | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        keys_for=None,
+        ledger_key: bytes | None = None,
+        fault: Fault | None = None,
+        components=None,
+    ):
         self.config = config
-        self.app = build_client_app(config, keys_for=keys_for, ledger_key=ledger_key)
+        self.app = build_client_app(config, keys_for=keys_for, ledger_key=ledger_key, components=components)
         self.fault = fault
         self.contexts: dict[int, Context] = {}
         self.restart()

@@ -118,6 +118,9 @@ def test_ray_local_mode_names_relied_on(monkeypatch: pytest.MonkeyPatch) -> None
     for name, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    # as in a process that imported Ray before fedtrain chose a token (an earlier simulation in this
+    # process would have chosen one, and rightly keeps it)
+    monkeypatch.setattr("fedtrain.simulation._RAY_TOKEN", None)
     ray_local_only()
     assert ray_constants.ENABLE_RAY_CLUSTER is False
     assert services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,22 +33,40 @@ from flwr.app import ArrayRecord, Context, Message
 from fedtrain import protocol
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
+from fedtrain.components import Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_shard
+from fedtrain.data.partition import holdout_split, simulation_shard
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
-from fedtrain.evaluation import per_example
+from fedtrain.evaluation import example_values
 from fedtrain.models import build_model
-from fedtrain.partition import holdout_split, simulation_shard
 from fedtrain.privacy.calibration import RunPlan, client_delta, plan_run
 from fedtrain.privacy.fingerprint import ShardIdentity, identify
 from fedtrain.privacy.ledger import LedgerEntry
 from fedtrain.privacy.lifetime import LedgerStore, RunView
 from fedtrain.privacy.policy import ClientPolicy
 from fedtrain.privacy.releases import Release, exact_means, private_means
+from fedtrain.tasks import Classification, Task
 
 log = logging.getLogger("fedtrain")
 _IN_MEMORY = ClientSetup()  # handlers called directly (tests) keep their ledgers here
+
+
+def _return_large_buffers() -> None:
+    """Large buffers (a batch of images, 1 MiB and more) get their own pages and go back to the system
+    when freed. glibc raises this threshold after each such free, then serves batches from a heap that
+    fragments and keeps growing with the number of batches a shard has: a client's memory would grow
+    with its data, which shards read lazily are meant to avoid."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator, its ways
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+_return_large_buffers()
 
 
 class ClientFailure(Exception):
@@ -100,25 +118,31 @@ def guarded(handler: Callable[..., Message]) -> Callable[..., Message]:
 
 
 @functools.lru_cache(maxsize=4)
-def _splits(key: tuple, data_path: str | None, partition_id: int | None) -> tuple[Dataset, Dataset, ShardIdentity]:
+def _splits(
+    key: tuple, target_kind: str, data_path: str | None, partition_id: int | None, source: Dataset | None
+) -> tuple[Dataset, Dataset, ShardIdentity]:
     config = Config.from_run_config(dict(key))
     if data_path is not None:
-        shard, seed = load_shard(data_path, config), config.federation.seed
+        shard, seed = load_shard(data_path, config, target_kind=target_kind), config.federation.seed
     else:
         assert partition_id is not None  # a simulated node
-        shard, seed = simulation_shard(config, partition_id), config.federation.seed * 1_000_003 + partition_id
+        shard = simulation_shard(config, partition_id, source, target_kind)
+        seed = config.federation.seed * 1_000_003 + partition_id
     train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
-    return shard.subset(train_idx), shard.subset(held_idx), identify(shard.x, shard.y)
+    return shard.subset(train_idx), shard.subset(held_idx), identify(shard)
 
 
-def client_data(config: Config, context: Context) -> tuple[Dataset, Dataset, ShardIdentity]:
+def client_data(
+    config: Config, context: Context, task: Task, components: Components | None = None
+) -> tuple[Dataset, Dataset, ShardIdentity]:
     """(train, held-out) splits of this client's private shard, and the whole shard's identity."""
     node_config = context.node_config
     key = tuple(sorted(config.to_run_config().items()))
+    source = components.dataset if components is not None else None
     if "data-path" in node_config:
-        return _splits(key, str(node_config["data-path"]), None)
+        return _splits(key, task.target_kind, str(node_config["data-path"]), None, None)
     if "partition-id" in node_config:
-        return _splits(key, None, int(node_config["partition-id"]))
+        return _splits(key, task.target_kind, None, int(node_config["partition-id"]), source)
     raise FedtrainError("this node has no data: start it with --data PATH (node config data-path).")
 
 
@@ -127,9 +151,10 @@ def _device(config: Config, context: Context) -> torch.device:
     return resolve_device(str(context.node_config.get("device", config.training.device)))
 
 
-def _model_for(config: Config, data: Dataset, arrays: ArrayRecord) -> torch.nn.Module:
-    num_classes = config.data.num_classes or len(config.data.labels or []) or data.num_classes
-    model = build_model(config.training.model, data.input_shape, num_classes, hidden=config.training.hidden)
+def _model_for(session: Session, arrays: ArrayRecord) -> torch.nn.Module:
+    config = session.config
+    spec = model_for(config, session.components)
+    model = build_model(spec, session.train.input_shape, session.outputs, hidden=config.training.hidden)
     try:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -156,8 +181,14 @@ def _settings(config: Config, context: Context) -> TrainSettings:
 
 def loss_bound(num_classes: int) -> float:
     """Per-example cross-entropy counts up to twice a uniform guess's (ln K each): a released loss
-    sum moves by at most this much when one example is added or removed."""
-    return 2.0 * math.log(max(2, num_classes))
+    sum moves by at most this much when one example is added or removed (tasks.Classification)."""
+    return Classification().bounds(num_classes)[0]
+
+
+def trainable_update(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """d = w_local - w_global of the trained parameters only: a frozen backbone is neither noised nor sent."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() - start[k] for k, v in model.state_dict().items() if k in trained}
 
 
 # ---------------------------------------------------------------- one message's session
@@ -177,14 +208,13 @@ class Session:
     view: RunView
     plan: RunPlan
     lifetime_delta: float
+    task: Task
+    outputs: int  # per sample: classes, labels or regression targets
+    components: Components | None
 
     @property
     def mode(self) -> str:
         return self.config.privacy.metrics
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.data.num_classes or len(self.config.data.labels or []) or self.train.num_classes
 
     def release_entry(self) -> list[LedgerEntry]:
         """The ledger entry one private metric release costs (none unless metrics are private)."""
@@ -293,8 +323,11 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
     if reason is not None:
         log.warning("%s refuses this run: %s", name, reason)
         return protocol.refusal_reply(msg, f"{name} refuses this run: {reason}", protocol.POLICY, None, name)
+    with failing_as("policy error"):
+        task = task_for(config, setup.components)
+        outputs = outputs_for(config, task)
     with failing_as("data error"):
-        train, held_out, shard = client_data(config, context)
+        train, held_out, shard = client_data(config, context, task, setup.components)
     with failing_as("ledger error"):
         store = setup.store_for(context, config)
         run = str(protocol.sent_config(msg).get(protocol.RUN_ID, context.run_id))
@@ -311,7 +344,8 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
     if reason is not None:
         log.warning("%s refuses this run: %s", name, reason)
         return protocol.refusal_reply(msg, f"{name} refuses this run: {reason}", protocol.POLICY, None, name)
-    return Session(name, config, policy, train, held_out, shard, store, view, plan, largest_delta)
+    return Session(name, config, policy, train, held_out, shard, store, view, plan, largest_delta, task, outputs,
+                   setup.components)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the two handlers
@@ -338,22 +372,22 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     if protocol.PROXIMAL_MU in sent:  # FedProx
         settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))
     with failing_as("model mismatch"):
-        model = _model_for(config, session.train, protocol.global_arrays(msg))
+        model = _model_for(session, protocol.global_arrays(msg))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = _device(config, context)
     run_ledger = session.view.run_ledger(plan.delta, plan.accountant)
-    result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device)
+    result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device, session.task)
     entries = [result.entry]
     metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
     if session.mode == "plain" or loss_release:
-        losses, _ = per_example(model, session.train, device)
-        released = session.release(losses[:, None], [loss_bound(session.num_classes)])
+        losses = example_values(model, session.train, device, session.task)[:, :1]  # the task's loss
+        released = session.release(losses, session.task.bounds(session.outputs)[:1])
         metrics[protocol.TRAIN_LOSS] = float(released.means[0])
         metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released.std[0])
         entries += [released.entry] if released.entry is not None else []
     view = session.record(entries)
-    update = {k: (v.detach().cpu() - start[k]) for k, v in model.state_dict().items()}
-    return protocol.update_reply(msg, ArrayRecord(update), metrics, session.report(view))
+    update = trainable_update(model, start)
+    return protocol.update_reply(msg, ArrayRecord(OrderedDict(update)), metrics, session.report(view))
 
 
 @guarded
@@ -370,16 +404,15 @@ def handle_evaluate(msg: Message, context: Context, config: Config, setup: Clien
         log.warning(reason)
         return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(), session.name)
     with failing_as("model mismatch"):
-        model = _model_for(config, session.train, protocol.global_arrays(msg))
+        model = _model_for(session, protocol.global_arrays(msg))
     device = _device(config, context)
-    losses, correct = per_example(model.to(device), session.held_out, device)
-    released = session.release(np.stack([losses, correct], axis=1), [loss_bound(session.num_classes), 1.0])
+    with failing_as("policy error"):  # e.g. a regression run without the targets' public range
+        bounds = session.task.bounds(session.outputs)
+    values = example_values(model.to(device), session.held_out, device, session.task)
+    released = session.release(values, bounds)
     view = session.record([released.entry]) if released.entry is not None else session.view
-    metrics: protocol.Metrics = {
-        protocol.NUM_EXAMPLES: count,
-        protocol.EVAL_LOSS: float(released.means[0]),
-        protocol.EVAL_LOSS + protocol.STD: float(released.std[0]),
-        protocol.EVAL_ACCURACY: float(released.means[1]),
-        protocol.EVAL_ACCURACY + protocol.STD: float(released.std[1]),
-    }
+    metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: count}
+    for name, mean, std in zip(session.task.values, released.means, released.std, strict=True):
+        metrics[protocol.eval_key(name)] = float(mean)
+        metrics[protocol.eval_key(name) + protocol.STD] = float(std)
     return protocol.metrics_reply(msg, metrics, session.report(view))

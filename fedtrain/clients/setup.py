@@ -24,6 +24,7 @@ from fedtrain.security.keys import fedtrain_home, read_key_file
 from fedtrain.security.kits import read_kit
 
 if TYPE_CHECKING:  # the ledger needs Opacus (and torch): imported only by messages that train or evaluate
+    from fedtrain.components import Components
     from fedtrain.privacy.lifetime import LedgerStore
 
 LEDGER_KEY_FILE = "ledger.key"
@@ -64,11 +65,13 @@ class ClientSetup:
             simulation one admitting the run's own settings.
         ledger_key: a simulation's model key: ledgers sealed under RUN_DIR/ledgers. None and no kit:
             ledgers in memory (in-process tests).
+        components: the model factory, task and dataset given as Python objects (simulation only).
     """
 
     policy: ClientPolicy | None = None
     ledger_key: bytes | None = None
     memory: dict[str, Any] = field(default_factory=dict)
+    components: Components | None = None  # Python objects in place of names (fedtrain.simulate)
 
     def policy_for(self, context: Context, config: Config) -> ClientPolicy:
         node_config = context.node_config

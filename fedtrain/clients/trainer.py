@@ -7,17 +7,19 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode, set_empty_grad_samples
-from fedtrain.data import Dataset
+from fedtrain.data import Dataset, Transformed
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedtrain.tasks import Classification, Task
 
 log = logging.getLogger("fedtrain")
 
@@ -74,7 +76,7 @@ def planned_round(num_samples: int, settings: TrainSettings, noise_multiplier: f
 def private_step(
     private_model: nn.Module,
     private_optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> torch.Tensor | None:
@@ -100,12 +102,16 @@ def train_round(
     noise_multiplier: float,
     ledger: PrivacyLedger,
     device: torch.device,
+    task: Task | None = None,
 ) -> RoundResult:
     """Train `model` in place for one round of DP-SGD and return what it spent.
 
-    The PrivacyEngine's accountant starts from the ledger's history, so Opacus itself accounts
+    Only parameters with `requires_grad` are trained (a frozen backbone stays as it is), and the
+    data is read a Poisson batch at a time (with the task's train transform, if any). The
+    PrivacyEngine's accountant starts from the ledger's history, so Opacus itself accounts
     cumulatively; the steps it adds are this round's entry.
     """
+    task = task or Classification()
     # torch's default generator starts from a fixed seed in every process: seed the Poisson
     # sampler and the noise from the OS's CSPRNG so neither can be predicted.
     torch.manual_seed(secrets.randbits(63))
@@ -113,15 +119,19 @@ def train_round(
     noise_generator.manual_seed(secrets.randbits(63))
 
     model.to(device).train()
-    anchor = [p.detach().clone() for p in model.parameters()]  # w_t, for FedProx's proximal term
-    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
-    loader = DataLoader(dataset, batch_size=settings.batch_size, pin_memory=device.type == "cuda")
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trainable]  # w_t, for FedProx's proximal term
+    dataset = Transformed(data, task.train_transform) if task.train_transform is not None else data
+    # a map-style dataset (len, items) is all DataLoader and Opacus's Poisson sampler need
+    loader: DataLoader = DataLoader(
+        TensorItems(dataset), batch_size=settings.batch_size, pin_memory=device.type == "cuda"
+    )
+    optimizer = torch.optim.SGD(trainable, lr=settings.lr, momentum=settings.momentum)
     with _quiet_opacus():
         engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = ledger.history()
     steps_before = sum(step for *_, step in engine.accountant.history)
-    mode = choose_grad_sample_mode(model, list(data.x.shape[1:]), device)
+    mode = choose_grad_sample_mode(model, data.input_shape, device)
     log.debug("per-sample gradients with Opacus grad_sample_mode=%s on %s", mode, device)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
@@ -133,7 +143,7 @@ def train_round(
         noise_generator=noise_generator,
         grad_sample_mode=mode,
     )
-    criterion = nn.CrossEntropyLoss()
+    criterion = _mean_loss(task)
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     with _batches(private_loader, private_optimizer, settings.max_physical_batch_size) as batches:
         for _ in range(settings.local_epochs):
@@ -144,7 +154,7 @@ def train_round(
                     # The proximal term's gradient mu (w - w_t) depends on no example: it is applied after
                     # the private step, outside clipping and noise, and costs no privacy.
                     with torch.no_grad():
-                        for param, start in zip(model.parameters(), anchor, strict=True):
+                        for param, start in zip(trainable, anchor, strict=True):
                             param.add_(param - start, alpha=-settings.lr * settings.proximal_mu)
                 if loss is not None:
                     loss_sum += loss.detach() * len(y)
@@ -152,6 +162,34 @@ def train_round(
     steps_after = sum(step for *_, step in engine.accountant.history)
     entry = LedgerEntry(noise_multiplier, private_loader.sample_rate, steps_after - steps_before)
     return RoundResult(len(data), float(loss_sum) / max(1, loss_count), entry)
+
+
+class TensorItems(torch.utils.data.Dataset):
+    """A fedtrain Dataset whose items are torch tensors (Opacus builds its empty batches from their dtypes)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data[index]
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.as_tensor(y)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (torch.from_numpy(np.ascontiguousarray(x)), torch.as_tensor(y)) for x, y in self.data.__getitems__(indices)
+        ]
+
+
+def _mean_loss(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The batch's mean of the task's per-example loss (the reduction Opacus's noise is scaled for)."""
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return task.loss(outputs, targets).mean()
+
+    return loss
 
 
 @contextlib.contextmanager

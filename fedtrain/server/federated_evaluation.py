@@ -7,7 +7,7 @@ theirs. Every evaluate reply carries the client's ledger, which now holds this r
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -17,16 +17,16 @@ from fedtrain import protocol
 from fedtrain.server.node_book import NodeBook
 from fedtrain.server.screened_strategy import ScreenedStrategy
 from fedtrain.server.screening import ClientPrivacy, ReleasedMean, Screened, read
-
-NAN = float("nan")
+from fedtrain.tasks import Task
 
 
 @dataclass
 class Evaluated:
-    loss: float = NAN
-    loss_std: float = NAN
-    accuracy: float = NAN
-    accuracy_std: float = NAN
+    """The task's metrics over the clients' held-out splits (from the released means, aggregated
+    before the task's report), and the noise's standard deviation where a metric is a released mean."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
 
 
 def federated_evaluation(
@@ -37,6 +37,7 @@ def federated_evaluation(
     run_id: str,
     book: NodeBook,
     privacy: dict[str, ClientPrivacy],
+    task: Task,
 ) -> Evaluated:
     """Ask the nodes the strategy chooses; `privacy` is updated with every ledger that comes back."""
     sent = ConfigRecord({protocol.RUN_ID: run_id})  # every release is on the ledger of this run
@@ -46,27 +47,27 @@ def federated_evaluation(
     replies = list(grid.send_and_receive(messages, timeout=strategy.config.federation.round_timeout))
     book.sent(messages)
     screened, usable = Screened(), []
-    loss, accuracy = ReleasedMean(), ReleasedMean()
+    keys = [protocol.eval_key(name) for name in task.values]
+    released = {name: ReleasedMean() for name in task.values}
     for reply in replies:
         parsed = read(reply, book.node_of(reply), book.names, screened)
-        if parsed is None or protocol.EVAL_ACCURACY not in parsed.metrics:
+        if parsed is None or not all(key in parsed.metrics for key in keys):
             continue
         metrics = parsed.metrics
-        if not float(metrics.get(protocol.NUM_EXAMPLES, 0)) > 0:
+        if not protocol.number(metrics.get(protocol.NUM_EXAMPLES, 0)) > 0:
             continue
-        loss.add(metrics, protocol.EVAL_LOSS)
-        accuracy.add(metrics, protocol.EVAL_ACCURACY)
-        keys = (protocol.NUM_EXAMPLES, protocol.EVAL_LOSS, protocol.EVAL_ACCURACY)
-        reply.content = RecordDict({protocol.METRICS: MetricRecord({k: metrics[k] for k in keys})})
+        for name, key in zip(task.values, keys, strict=True):
+            released[name].add(metrics, key)
+        reply.content = RecordDict(
+            {protocol.METRICS: MetricRecord({k: metrics[k] for k in (protocol.NUM_EXAMPLES, *keys)})}
+        )
         usable.append(reply)
     privacy.update(screened.privacy)
     if not usable:
         return Evaluated()
-    aggregated = strategy.aggregate_evaluate(server_round, usable)  # Flower's own (weighted) mean
-    return Evaluated(
-        _metric(aggregated, protocol.EVAL_LOSS), loss.std, _metric(aggregated, protocol.EVAL_ACCURACY), accuracy.std
-    )
-
-
-def _metric(metrics: MetricRecord | None, key: str) -> float:
-    return protocol.number(metrics[key]) if metrics is not None and key in metrics else NAN
+    aggregated = strategy.aggregate_evaluate(server_round, usable)  # Flower's own mean, weighted by count
+    if aggregated is None:
+        return Evaluated()
+    means = {name: protocol.number(aggregated[key]) for name, key in zip(task.values, keys, strict=True)}
+    std = {name: released[name].std for name in task.values if released[name].std > 0}
+    return Evaluated(task.report(means), std)

@@ -30,10 +30,11 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import fedtrain
 from fedtrain import protocol
+from fedtrain.components import Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset
 from fedtrain.errors import FedtrainError
-from fedtrain.evaluation import evaluate
+from fedtrain.evaluation import evaluate_task
 from fedtrain.fileio import atomic_write_text
 from fedtrain.models import build_model
 from fedtrain.security.keys import load_model_key
@@ -65,12 +66,14 @@ class Federation:
         on_round: RoundCallback | None = None,
         sealer: PayloadSealer | None = None,
         resume: bool = False,
+        components: Components | None = None,
     ) -> None:
         if not config.deployment.run_dir:
             raise FedtrainError("the server needs a run directory (run_dir) to keep the model and metrics.")
-        num_classes = config.data.num_classes or (len(config.data.labels) if config.data.labels else None)
-        if not config.data.input_shape or not num_classes:
-            raise FedtrainError("the server needs input_shape and num_classes (or labels) in the config.")
+        self.task = task_for(config, components)
+        if not config.data.input_shape:
+            raise FedtrainError("the server needs input_shape (and the classes, or num_outputs) in the config.")
+        outputs = outputs_for(config, self.task)
         self.config = config
         self.run_dir = Path(config.deployment.run_dir)
         self.test_set = test_set
@@ -81,12 +84,14 @@ class Federation:
         self.run_id = checkpoint.resumable_run_id(self.run_dir, self.model_key) if resume else uuid.uuid4().hex
         self.integrity = RunIntegrity(self.run_dir, self.model_key.key, self.run_id)  # metrics, privacy report, plot
         self.model = build_model(
-            config.training.model,
+            model_for(config, components),
             config.data.input_shape,
-            num_classes,
+            outputs,
             hidden=config.training.hidden,
             seed=config.federation.seed,
         )
+        # what clients train and send; a frozen backbone stays as the model was made, and is saved whole
+        self.trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
         self.privacy: dict[str, ClientPrivacy] = {}
@@ -124,7 +129,7 @@ class Federation:
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:
         inner = make_strategy(self.config)
-        strategy = ScreenedStrategy(inner, self.config, self.book)
+        strategy = ScreenedStrategy(inner, self.config, self.book, self.trainable)
         state = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items())
         first = 1
         if self.resume:
@@ -165,17 +170,22 @@ class Federation:
         for name, reason in {**screened.failed, **screened.refused}.items():
             log.warning("round %d: %s: %s", server_round, name, reason)
 
-        federated = federated_evaluation(grid, strategy, server_round, state, self.run_id, self.book, self.privacy)
-        test_loss, test_acc = self._central_evaluation(state)
-        central = self.test_set is not None
+        federated = federated_evaluation(
+            grid, strategy, server_round, state, self.run_id, self.book, self.privacy, self.task
+        )
+        central = self._central_evaluation(state)
+        shown = central if central is not None else federated.metrics
+        headline = self.task.headline
         row = {
             "round": server_round,
-            "accuracy": test_acc if central else federated.accuracy,
-            "loss": test_loss if central else federated.loss,
-            "federated_accuracy": federated.accuracy,
-            "federated_accuracy_std": federated.accuracy_std,
-            "federated_loss": federated.loss,
-            "federated_loss_std": federated.loss_std,
+            "metric": headline,  # what `accuracy` holds: the task's headline metric
+            "accuracy": shown.get(headline, float("nan")),
+            "loss": shown.get("loss", float("nan")),
+            "federated_accuracy": federated.metrics.get(headline, float("nan")),
+            "federated_accuracy_std": federated.std.get(headline, float("nan")),
+            "federated_loss": federated.metrics.get("loss", float("nan")),
+            "federated_loss_std": federated.std.get("loss", float("nan")),
+            "federated": federated.metrics,
             "train_loss": screened.train_loss.mean,
             "train_loss_std": screened.train_loss.std,
             "clients_ok": strategy.usable,
@@ -243,11 +253,12 @@ class Federation:
         except ValueError as exc:  # Flower's DP wrapper: the sample is not the size the noise was set for
             raise FedtrainError(f"round {server_round}: client-level DP cannot run this round ({exc}).") from None
 
-    def _central_evaluation(self, state: OrderedDict) -> tuple[float, float]:
+    def _central_evaluation(self, state: OrderedDict) -> dict[str, float] | None:
+        """The task's metrics on the server's own test split (simulation), or None without one."""
         if self.test_set is None:
-            return float("nan"), float("nan")
+            return None
         self.model.load_state_dict(state)
-        return evaluate(self.model, self.test_set, self.device)
+        return evaluate_task(self.model, self.test_set, self.device, self.task)
 
     def _log_round(self, row: dict[str, Any]) -> None:
         log.info(

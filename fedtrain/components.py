@@ -1,0 +1,43 @@
+"""Python objects a run uses in place of names (`fedtrain.simulate(model=factory, task=Task(), data=ds)`).
+
+They are never part of a config (a config is what travels as Flower's run_config and what a server
+can send): they reach only the apps built in this process, and a simulation's Ray workers, which
+receive the ClientApp pickled. A real deployment names its model and task (`module:factory`,
+`module:Name`), and each client runs only what its own policy lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtrain.config import Config
+from fedtrain.data import Dataset
+from fedtrain.models import ModelSpec
+from fedtrain.tasks import Task, build_task
+
+
+@dataclass(frozen=True)
+class Components:
+    model: ModelSpec | None = None  # a factory of torch.nn.Module
+    task: Task | None = None
+    dataset: Dataset | None = None  # the whole dataset a simulation splits into shards
+
+
+def task_for(config: Config, components: Components | None = None) -> Task:
+    """The run's task: the object given, else the one its config names."""
+    if components is not None and components.task is not None:
+        return components.task
+    return build_task(config.training.task, config.data.target_range)
+
+
+def model_for(config: Config, components: Components | None = None) -> ModelSpec:
+    """The run's model: the factory given, else the name its config gives."""
+    if components is not None and components.model is not None:
+        return components.model
+    return config.training.model
+
+
+def outputs_for(config: Config, task: Task) -> int:
+    """Outputs per sample the model needs (classes, labels or regression targets)."""
+    classes = config.data.num_classes or (len(config.data.labels) if config.data.labels else None)
+    return task.output_size(classes, config.data.num_outputs)
