@@ -19,6 +19,9 @@ _EXPORTS = {
     "simulate": "fedtrain.api",
     "load_model": "fedtrain.api",
     "RunResult": "fedtrain.api",
+    "tune": "fedtrain.api",
+    "SearchSpace": "fedtrain.tuning",
+    "TuneResult": "fedtrain.tuning",
     "Task": "fedtrain.tasks",
     "Classification": "fedtrain.tasks",
     "Regression": "fedtrain.tasks",
@@ -30,12 +33,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from fedtrain.api import RunResult, load_model, simulate
+    from fedtrain.api import RunResult, load_model, simulate, tune
     from fedtrain.config import Config
     from fedtrain.data import Dataset
     from fedtrain.errors import FedtrainError
     from fedtrain.privacy.policy import ClientPolicy
     from fedtrain.tasks import Classification, Multilabel, Regression, Task
+    from fedtrain.tuning import SearchSpace, TuneResult
 
 
 def __getattr__(name: str) -> Any:
@@ -53,8 +57,11 @@ __all__ = [
     "Multilabel",
     "Regression",
     "RunResult",
+    "SearchSpace",
     "Task",
+    "TuneResult",
     "__version__",
     "load_model",
     "simulate",
+    "tune",
 ]

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -34,6 +34,9 @@ from fedtrain.models import ModelSpec, build_model, model_name
 from fedtrain.privacy.policy import ClientPolicy
 from fedtrain.security.keys import ModelKey, generate_key, load_model_key, write_key_file
 from fedtrain.tasks import Task, build_task
+
+if TYPE_CHECKING:
+    from fedtrain.tuning import SearchSpace, TuneResult
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -108,6 +111,61 @@ def simulate(
                    temporary=True)  # fmt: skip
 
 
+def tune(
+    data: str | os.PathLike[str] | Dataset | Any = "digits",
+    model: ModelSpec = "logistic",
+    task: str | Task = "classification",
+    clients: int = 5,
+    rounds: int = 30,
+    target_epsilon: float = 3.0,
+    *,
+    expected_trials: float = 8.0,
+    eta: float = 0.0,
+    space: SearchSpace | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    policy: ClientPolicy | None = None,
+    announce: Callable[[str], None] | None = None,
+    rng: np.random.Generator | None = None,
+    **settings: Any,
+) -> TuneResult:
+    """Tune the learning rate and clipping bound privately, in simulation: the best of a secret, random
+    number of trials (Papernot and Steinke), each client spending `target_epsilon` on all of it.
+
+    Args:
+        data, model, task, clients, rounds: as for `simulate` (rounds: of each trial).
+        target_epsilon: each client's epsilon for the whole tuning, training included.
+        expected_trials: the mean of the random number of trials.
+        eta: the trial count's shape (0 logarithmic, the cheapest; 1 geometric).
+        space: the candidates (default: 1/4 to 4 times the learning rate, 1/2 to 2 times the clipping bound).
+        run_dir: where to keep the chosen run (must be new or empty); default: a new temporary folder.
+        key_file: the model key; default: a new key in a temporary folder.
+        policy: a privacy policy every simulated client applies.
+        announce: told where the run is and how the tuning goes.
+        rng: K's and the candidates' generator, for tests only (K must stay secret).
+        **settings: any other option of the config, by its flat key.
+
+    Returns:
+        The TuneResult: the best trial's model and history, the candidate chosen, its metric on
+        the half of the central test split that chose it and on the unseen half.
+
+    Raises:
+        FedtrainError: a bad input, tuning alone over the budget, or a trial that could not run.
+    """
+    from fedtrain.tuning import tune as run_tuning
+
+    with keep_process():
+        components, values = _components(data, model, task, settings)
+        values.update(clients=clients, rounds=rounds, target_epsilon=target_epsilon)
+        if run_dir is not None:
+            values["run_dir"] = str(run_dir)
+        if key_file is not None:
+            values["key_file"] = str(key_file)
+        config = from_mapping(values, "fedtrain.tune's arguments")
+        return run_tuning(config, expected_trials=expected_trials, eta=eta, space=space, components=components,
+                          policy=policy, temporary=True, announce=announce, rng=rng)  # fmt: skip
+
+
 def run(
     config: Config,
     *,
@@ -145,6 +203,11 @@ def run(
     from fedtrain.server.checkpoint import preflight
 
     say = announce or (lambda text: None)
+    if config.privacy.tuning_trials is not None:
+        raise FedtrainError(
+            "the tuning_* settings belong to `fedtrain tune` (a tuned run is final and is not resumed); "
+            "remove them, or tune with `fedtrain tune`."
+        )
     prepared = simulation.prepare(config, components)  # before a key or a directory exists
     path = _run_dir(config, resume, temporary)
     key = _model_key(config, resume, temporary)
@@ -351,4 +414,4 @@ def _ray_running() -> bool:
     return bool(ray.is_initialized())
 
 
-__all__ = ["RunResult", "keep_process", "load_model", "run", "simulate"]
+__all__ = ["RunResult", "keep_process", "load_model", "run", "simulate", "tune"]

@@ -131,6 +131,68 @@ def simulate(
     print_summary(console, result.run_dir, rows)
 
 
+@app.command()
+def tune(
+    data: Annotated[str | None, typer.Option(help="Dataset file/folder to split into shards, or 'digits'.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of simulated clients.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds of each trial.")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid or dirichlet.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more skew).")] = None,
+    model: Annotated[str | None, typer.Option(help="logistic, mlp, cnn, or MODULE:FACTORY.")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="Epsilon of the whole tuning and training.")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Centre of the learning rates searched (x1/4 to x4).")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Centre of the clipping bounds searched (x1/2 to x2).")
+    ] = None,
+    lr_values: Annotated[str | None, typer.Option(help="Learning rates to search, comma-separated.")] = None,
+    clip_values: Annotated[str | None, typer.Option(help="Clipping bounds to search, comma-separated.")] = None,
+    expected_trials: Annotated[float, typer.Option(help="Mean of the random number of trials.")] = 8.0,
+    eta: Annotated[float, typer.Option(help="Shape of the trial count: 0 logarithmic (cheapest), 1 geometric.")] = 0.0,
+    batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Aggregation strategy (docs/strategies.md).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Where to keep the chosen run (default runs/<time>).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    key_file: Annotated[str | None, typer.Option(help="Model key file (default: fedtrain's key store).")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="A client privacy policy (TOML) every simulated client applies.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
+) -> None:
+    """Tune the learning rate and clipping bound privately: the best of a secret, random number of
+    simulated trials, its price (Papernot and Steinke) on every client's ledger."""
+    given = dict(locals())
+    skip = ("config", "verbose", "policy", "lr_values", "clip_values", "expected_trials", "eta")
+    overrides = {k: v for k, v in given.items() if k not in skip}
+    from fedtrain.config import resolve
+    from fedtrain.privacy.policy import ClientPolicy
+    from fedtrain.tuning import SearchSpace
+    from fedtrain.tuning import tune as run_tuning
+
+    resolved = resolve(config, overrides)
+    around = SearchSpace.around(resolved)
+    space = SearchSpace(
+        _numbers(lr_values, "--lr-values") if lr_values else around.lr,
+        _numbers(clip_values, "--clip-values") if clip_values else around.max_grad_norm,
+    )
+    client_policy = ClientPolicy.load(policy) if policy is not None else None
+    started = time.monotonic()
+    result = run_tuning(resolved, expected_trials=expected_trials, eta=eta, space=space, policy=client_policy,
+                        announce=lambda text: console.print(text, highlight=False))  # fmt: skip
+    console.print(f"tuned in {time.monotonic() - started:.0f} s")
+    print_summary(console, result.run_dir, result.history)
+
+
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FedtrainError(f"{option} takes numbers separated by commas, not {text!r}.") from None
+
+
 def _resumed_config(resume: Path, config: Path | None, run_dir: str | None) -> Path:
     """The config a resumed run is checked against: its own config.toml unless --config is given."""
     if run_dir is not None:

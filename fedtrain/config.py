@@ -114,6 +114,11 @@ class PrivacyConfig:
     central_clip_lr: float = 0.2  # adaptive: how fast the bound follows that quantile
     central_delta: float | None = None  # unset: 1e-5, or 1 / (10 * clients) if smaller
     max_client_epsilon: float | None = None  # a run whose planned rounds would exceed it does not start
+    # a trial of a private hyperparameter tuning (`fedtrain tune` sets these; privacy/tuning.py): the
+    # expected number of trials, the trial count's eta, and the tuning every trial belongs to
+    tuning_trials: float | None = None
+    tuning_eta: float = 0.0
+    tuning_id: str | None = None
 
 
 @dataclass
@@ -306,6 +311,21 @@ class Config:
                 _in_range(privacy, name, 0.0, 1.0, low_open=True, high_open=True)
         _positive(privacy, "central_noise_multiplier", "central_clipping_norm", "central_clip_lr")
         _in_range(privacy, "central_target_quantile", 0.0, 1.0)
+        if privacy.tuning_trials is not None:
+            self._validate_tuning()
+
+    def _validate_tuning(self) -> None:
+        privacy = self.privacy
+        from fedtrain.privacy.tuning import TrialCount
+
+        TrialCount.with_mean(float(privacy.tuning_trials or 0), privacy.tuning_eta)  # in range, or one sentence
+        if privacy.target_epsilon is None or not privacy.tuning_id:
+            raise FedtrainError("a tuning's trial needs target_epsilon and a tuning_id; run it with `fedtrain tune`.")
+        if privacy.metrics != "none":
+            raise FedtrainError(
+                'a tuning\'s trials release no metrics computed on private data (metrics = "none"): only the '
+                "best trial may leave."
+            )
 
     # ---------------------------------------------------------------- Flower run_config (flat, dashed)
 

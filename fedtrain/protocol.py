@@ -42,7 +42,8 @@ UNIT_WEIGHT = "unit-weight"  # set by the server's screening (never by a client)
 CLIENT_ID, EPSILON, LIFETIME_EPSILON, METRICS_MODE = "client-id", "epsilon", "lifetime-epsilon", "metrics"
 REFUSED, REFUSAL_KIND = "refused", "refusal-kind"
 ACCOUNTANT, DELTA, KIND, SIGMA, RATE, STEPS = "accountant", "delta", "kind", "noise-multiplier", "sample-rate", "steps"
-LEDGER_COLUMNS = (KIND, SIGMA, RATE, STEPS)
+TRIALS_ETA, TRIALS_GAMMA = "trials-eta", "trials-gamma"  # a "tuning" entry's trial count (0 for others)
+LEDGER_COLUMNS = (KIND, SIGMA, RATE, STEPS, TRIALS_ETA, TRIALS_GAMMA)
 
 # client -> server, in STATUS
 ERROR = "error"
@@ -145,6 +146,8 @@ def privacy_record(report: PrivacyReport) -> ConfigRecord:
             SIGMA: [e.noise_multiplier for e in entries],
             RATE: [e.sample_rate for e in entries],
             STEPS: [e.steps for e in entries],
+            TRIALS_ETA: [float(e.eta or 0.0) for e in entries],
+            TRIALS_GAMMA: [float(e.gamma or 0.0) for e in entries],
             EPSILON: report.epsilon,
             METRICS_MODE: report.metrics,
         }
@@ -160,8 +163,8 @@ def read_privacy(record: ConfigRecord) -> PrivacyReport:
     if len({len(c) for c in columns}) != 1:
         raise ValueError("ledger columns of different lengths")
     entries = [
-        LedgerEntry.from_dict({"kind": k, "noise_multiplier": s, "sample_rate": q, "steps": n})
-        for k, s, q, n in zip(*columns, strict=True)
+        LedgerEntry.from_dict({"kind": k, "noise_multiplier": s, "sample_rate": q, "steps": n, "eta": e, "gamma": g})
+        for k, s, q, n, e, g in zip(*columns, strict=True)
     ]
     ledger = PrivacyLedger.from_dict({"accountant": record.get(ACCOUNTANT, "prv"), "delta": record[DELTA]})
     ledger.entries = entries

@@ -82,12 +82,10 @@ def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> N
         f"max client epsilon {fmt(last['epsilon_max'], 3)}."
     )
     for cid, info in privacy["clients"].items():
-        training = [e for e in info["ledger"] if e.get("kind", "train") == "train"]
-        releases = len(info["ledger"]) - len(training)
         lifetime = info.get("lifetime_epsilon")
         console.print(
             f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
-            f"{len(training)} rounds, {sum(e['steps'] for e in training)} DP-SGD steps and {releases} metric releases"
+            + _spending(info["ledger"])
             + (f"; lifetime epsilon of its data {lifetime:.3f}" if lifetime is not None else "")
         )
     if any(info.get("metrics") == "plain" for info in privacy["clients"].values()):
@@ -109,3 +107,20 @@ def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> N
         f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
     )
     console.print(f"to decrypt it: fedtrain export {path} --out model.pt")
+
+
+def _spending(ledger: list[dict[str, Any]]) -> str:
+    """What a client's ledger holds, in words."""
+    kinds = [e.get("kind", "train") for e in ledger]
+    training = [e for e, kind in zip(ledger, kinds, strict=True) if kind == "train"]
+    words = (
+        f"{len(training)} rounds, {sum(e['steps'] for e in training)} DP-SGD steps and "
+        f"{kinds.count('metrics')} metric releases"
+    )
+    tunings = [e for e, kind in zip(ledger, kinds, strict=True) if kind == "tuning"]
+    if tunings:
+        each = ", ".join(str(e["steps"]) for e in tunings)
+        words = f"a private tuning (the best of a secret number of trials of {each} DP-SGD steps each)" + (
+            f" and {words}" if len(tunings) < len(ledger) else ""
+        )
+    return words

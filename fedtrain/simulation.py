@@ -184,13 +184,16 @@ def run(
     policy: ClientPolicy | None = None,
     prepared: tuple[Config, Dataset] | None = None,
     components: Components | None = None,
+    ledger_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Prepare, then run the whole federated training (or, with `resume`, its remaining rounds);
     returns the metrics history (one row per round, the resumed ones included). Every simulated
     client applies `policy`, or by default a policy admitting the run's own settings.
 
     `prepared` is what `prepare` returned for this config, when the caller checked the inputs first
-    (the CLI does, before it creates a key or names a run directory): the data is not loaded twice."""
+    (the CLI does, before it creates a key or names a run directory): the data is not loaded twice.
+    `ledger_dir` keeps the clients' sealed ledgers elsewhere than RUN_DIR/ledgers (a tuning's trials
+    share one)."""
     ray_local_only()
     from flwr.simulation import run_simulation
 
@@ -220,6 +223,7 @@ def run(
         ledger_key=load_model_key(config.deployment.key_file).key,
         policy=policy,
         components=components,
+        ledger_dir=ledger_dir,
     )
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -47,6 +47,7 @@ from fedtrain.privacy.ledger import LedgerEntry
 from fedtrain.privacy.lifetime import LedgerStore, RunView
 from fedtrain.privacy.policy import ClientPolicy
 from fedtrain.privacy.releases import Release, exact_means, private_means
+from fedtrain.privacy.tuning import TrialCount
 from fedtrain.tasks import Classification, Task
 
 log = logging.getLogger("fedtrain")
@@ -280,6 +281,9 @@ def _settings_digest(config: Config, records: int) -> str:
         "eval_fraction",
         "fraction_evaluate",
         "seed",
+        "tuning_trials",
+        "tuning_eta",
+        "tuning_id",
     )
     return hashlib.sha256(repr([(k, config.value(k)) for k in keys] + [records]).encode()).hexdigest()[:16]
 
@@ -300,6 +304,7 @@ def _plan(
         config.federation.rounds if private and config.federation.fraction_evaluate > 0 and len(held_out) else 0
     )
     releases = (config.federation.rounds if private else 0) + evaluations
+    tuning = config.privacy.tuning_trials
     return plan_run(
         target_epsilon=config.privacy.target_epsilon,
         noise_multiplier=config.privacy.noise_multiplier,
@@ -311,6 +316,7 @@ def _plan(
         delta=delta,
         accountant=config.privacy.accountant,
         settings=digest,
+        trials=None if tuning is None else TrialCount.with_mean(tuning, config.privacy.tuning_eta),
     )
 
 
@@ -319,7 +325,7 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
     name = client_id(context)
     with failing_as("policy error"):
         policy = setup.policy_for(context, config)
-    reason = policy.refusal_for_run(config)
+    reason = policy.refusal_for_run(config) or _tuning_refusal(config, context)
     if reason is not None:
         log.warning("%s refuses this run: %s", name, reason)
         return protocol.refusal_reply(msg, f"{name} refuses this run: {reason}", protocol.POLICY, None, name)
@@ -331,6 +337,8 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
     with failing_as("ledger error"):
         store = setup.store_for(context, config)
         run = str(protocol.sent_config(msg).get(protocol.RUN_ID, context.run_id))
+        if config.privacy.tuning_trials is not None:  # every trial of a tuning is one entry of the ledger
+            run = f"tuning-{config.privacy.tuning_id}"
         view = store.view(shard, run)
     largest_delta = client_delta(shard.records, policy.delta)
     delta = config.privacy.delta if config.privacy.delta is not None else largest_delta
@@ -348,6 +356,29 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
                    setup.components)  # fmt: skip
 
 
+def _tuning_refusal(config: Config, context: Context) -> str | None:
+    """A tuning's guarantee holds only if nothing but its best trial leaves and its number of trials
+    stays secret (privacy/tuning.py): a federation's server sees every trial, so a real node refuses."""
+    if config.privacy.tuning_trials is not None and "kit" in context.node_config:
+        return (
+            "private hyperparameter tuning runs only in simulation: a server that sees every trial is not "
+            "covered by its guarantee"
+        )
+    return None
+
+
+def _charge_tuning(session: Session) -> str | None:
+    """A tuning's trial: the whole tuning is one ledger entry, charged before its first trial trains;
+    every trial's steps are covered by it. Returns why the client refuses, or None."""
+    if any(e.kind == "tuning" for e in session.view.run_entries):
+        return None
+    entry = session.plan.tuning_entry()
+    reason = session.over_budget([entry])
+    if reason is None:
+        session.record([entry])
+    return reason
+
+
 # ---------------------------------------------------------------- the two handlers
 
 
@@ -358,11 +389,16 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     if isinstance(session, Message):
         return session
     plan = session.plan
-    step = LedgerEntry(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-    # the train loss is released while the plan has releases left (a server asking for more evaluations
-    # than it declared uses them up): training itself goes on
-    loss_release = session.release_entry() if session.mode != "none" and session.releases_left() > 0 else []
-    reason = session.over_budget([step, *loss_release])
+    step: LedgerEntry | None = None
+    loss_release: list[LedgerEntry] = []
+    if plan.trials is not None:
+        reason = _charge_tuning(session)
+    else:
+        step = LedgerEntry(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        # the train loss is released while the plan has releases left (a server asking for more
+        # evaluations than it declared uses them up): training itself goes on
+        loss_release = session.release_entry() if session.mode != "none" and session.releases_left() > 0 else []
+        reason = session.over_budget([step, *loss_release])
     if reason is not None:
         log.warning(reason)
         return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(), session.name)
@@ -377,7 +413,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     device = _device(config, context)
     run_ledger = session.view.run_ledger(plan.delta, plan.accountant)
     result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device, session.task)
-    entries = [result.entry]
+    entries = [result.entry] if step is not None else []  # a trial's steps are covered by its tuning's entry
     metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
     if session.mode == "plain" or loss_release:
         losses = example_values(model, session.train, device, session.task)[:, :1]  # the task's loss
@@ -385,7 +421,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
         metrics[protocol.TRAIN_LOSS] = float(released.means[0])
         metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released.std[0])
         entries += [released.entry] if released.entry is not None else []
-    view = session.record(entries)
+    view = session.record(entries) if entries else session.view
     update = trainable_update(model, start)
     return protocol.update_reply(msg, ArrayRecord(OrderedDict(update)), metrics, session.report(view))
 

@@ -84,6 +84,11 @@ def deployment_config(options: ServerOptions, run_dir: Path, declared: Config | 
     config = options.config
     if declared is not None:
         config = agree(config, declared, str(options.kit / DATA_FILE))
+    if config.privacy.tuning_trials is not None:  # the clients refuse it too (clients/handlers.py)
+        raise FedtrainError(
+            "private hyperparameter tuning runs only in simulation (`fedtrain tune`): a server that sees every "
+            "trial is not covered by its guarantee; remove the tuning_* settings."
+        )
     if not config.data.input_shape or not (config.data.num_classes or config.data.labels):
         raise FedtrainError(
             "a server holds no data, so the config must give input_shape and num_classes (or labels); "

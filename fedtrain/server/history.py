@@ -73,8 +73,10 @@ def privacy_report(clients: dict[str, ClientPrivacy], client_level: dict[str, An
     report: dict[str, Any] = {
         "note": "epsilon is cumulative over every ledger entry of this run: DP-SGD rounds (kind train) and "
         "metric releases (kind metrics, the Gaussian mechanism: sample_rate 1, one step); recompute it with "
-        "any accountant from noise_multiplier, sample_rate and steps. lifetime_epsilon composes every run "
-        "over the client's data, as the client reports it.",
+        "any accountant from noise_multiplier, sample_rate and steps. A private tuning (kind tuning) is the "
+        "best of K ~ truncated negative binomial (eta, gamma) trials of those steps, accounted in RDP by "
+        "Papernot and Steinke's Theorem 2. lifetime_epsilon composes every run over the client's data, as "
+        "the client reports it.",
         "metrics": PLAIN_METRICS_WARNING.format(names=", ".join(plain))
         if plain
         else "private or none for every client: every metric computed on private data is on the ledger",
