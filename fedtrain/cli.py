@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from fedtrain.errors import FedtrainError, find_fedtrain_error
 from fedtrain.run_report import earlier_rows, fmt, print_failures, print_summary, round_table
@@ -25,7 +26,8 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
-TRACK_HELP = "Also log every round to mlflow or tensorboard (repeat for both; pip install 'fedtrain[track]')."
+# "\\[" keeps rich's help formatter from reading [track] as markup
+TRACK_HELP = "Also log every round to mlflow or tensorboard (repeat for both; pip install 'fedtrain\\[track]')."
 MLFLOW_URI_HELP = "MLflow's store: a folder (default ./mlruns) or an MLflow tracking URI."
 
 
@@ -245,9 +247,10 @@ def report(
         f"rounds, {len(spending)} clients" + (f", epsilon <= {worst:.3f}" if worst is not None else "") + "); "
         "its files were verified first.",
         highlight=False,
+        markup=False,
     )
     for line in log_finished_run(trackers, written):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command(name="rotate-key")
@@ -528,7 +531,7 @@ def main() -> None:
         user_error = find_fedtrain_error(exc)
         if user_error is None:
             raise
-        errors.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     finally:
         signal.signal(signal.SIGTERM, previous)

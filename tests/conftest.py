@@ -46,3 +46,20 @@ def run_cli_process(argv: list[str], timeout: float = 120, env: dict[str, str] |
         cwd=cwd,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def tracked_demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo's federation (5 digits clients, DP-SGD at epsilon 3, private metrics), 3 rounds instead
+    of 30, run by fedtrain's server loop and ClientApp in process, tracked live to MLflow and
+    TensorBoard. Shared by the report and tracking tests; copy it before changing it."""
+    from fedtrain.config import Config
+    from fedtrain.security.keys import generate_key, write_key_file
+    from tests.inprocess import run_federation
+
+    tmp = tmp_path_factory.mktemp("demo-run")
+    key = write_key_file(tmp / "model.key", generate_key())
+    config = Config(rounds=3, run_dir=str(tmp / "run"), key_file=str(key), track=["mlflow", "tensorboard"],
+                    mlflow_uri=str(tmp / "mlruns"))  # fmt: skip
+    run_federation(config)
+    return {"run_dir": tmp / "run", "key": key, "mlruns": tmp / "mlruns"}

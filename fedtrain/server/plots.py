@@ -144,10 +144,11 @@ def draw_metric_vs_epsilon(axis: Any, rows: list[dict[str, Any]]) -> None:
                 fontsize="small",
                 color="#555555",
             )
+    finite = [e for e in spent if math.isfinite(e)]
+    axis.set_xlim(0, max(finite) * 1.1 if finite and max(finite) > 0 else 1.0)  # room for the last label
     axis.set_xlabel("largest client epsilon spent")
     axis.set_ylabel(name)
     axis.set_title(f"{name} against privacy spent")
-    axis.set_xlim(left=0)
     axis.grid(True, alpha=0.3)
     _unit_range(axis, name, metric)
 
@@ -163,11 +164,13 @@ def draw_participation(axis: Any, rows: list[dict[str, Any]]) -> None:
     axis.bar(
         rounds, failed, bottom=[a + b for a, b in zip(ok, refused, strict=True)], color=EPSILON_MAX, label="failed"
     )
+    totals = [a + b + c for a, b, c in zip(ok, refused, failed, strict=True) if math.isfinite(a + b + c)]
+    axis.set_ylim(0, max(totals, default=1) * 1.3)  # room for the legend above the bars
     axis.set_ylabel("clients")
     axis.set_title("clients per round")
     axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     _rounds_axis(axis)
-    axis.legend(loc="lower right", fontsize="small")
+    axis.legend(loc="upper center", fontsize="small", ncol=3)
 
 
 def draw_seconds(axis: Any, rows: list[dict[str, Any]]) -> None:

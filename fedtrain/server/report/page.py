@@ -348,9 +348,9 @@ def training_section(files: RunFiles) -> str:
             "chart-metric",
             plots.draw_metric,
             rows,
-            f"{metric} after each round: central on the server's test "
-            "split (simulation only), federated on the clients' held-out data as released, with its noise (band: "
-            "one standard deviation).",
+            f"{metric} after each round: central on the server's test split (simulation only), federated on the "
+            "clients' held-out data as released, with noise for privacy (its standard deviation in the legend; "
+            "drawn as a band where it is small enough to show).",
         ),
         chart(
             "chart-loss",
@@ -370,7 +370,8 @@ def training_section(files: RunFiles) -> str:
             "chart-client-epsilon",
             plots.draw_client_epsilon,
             rows,
-            "each client's epsilon after each round (it only grows: every round and every release is composed).",
+            "each client's epsilon after each round (it only grows: every round and every release is composed)."
+            + (" Every client spent exactly the same, so the lines lie on top of each other." if _alike(rows) else ""),
         ),
     ]
     missing = training.missing_by_reason(rows)
@@ -415,6 +416,11 @@ def training_section(files: RunFiles) -> str:
         f"{typical}; the slowest was round {timing.slowest_round}.</p></div>"
         f'<div class="charts">{"".join(participation)}</div>' + _rounds_table(rows) + "</section>"
     )
+
+
+def _alike(rows: list[dict[str, Any]]) -> bool:
+    """Every client has the same epsilon in every round (their lines coincide)."""
+    return len(plots.clients(rows)) > 1 and all(len(set((row.get("epsilon") or {}).values())) <= 1 for row in rows)
 
 
 def _rounds_table(rows: list[dict[str, Any]]) -> str:

@@ -1,0 +1,148 @@
+"""`--track mlflow` / `--track tensorboard`: one record per fedtrain run holding every round's
+metrics and epsilons, the configuration and the report (never the model), read back through
+MLflow's and TensorBoard's own APIs; a tracker never stops a run that has spent privacy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedtrain.config import Config
+from fedtrain.errors import FedtrainError
+from fedtrain.server.observers.tracking import Tracking
+from fedtrain.server.tracking import make_trackers, round_metrics
+from fedtrain.server.tracking.base import Tracker
+from tests.conftest import run_cli
+from tests.test_cli_errors import _assert_user_error
+
+
+def _mlflow_runs(store: Path, run_id: str) -> tuple[object, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fedtrain")
+    assert experiment is not None
+    return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.`fedtrain.run_id` = '{run_id}'")
+
+
+def _assert_every_round(client, mlflow_run, rows: list[dict], privacy: dict) -> None:
+    def history(name):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(mlflow_run, name), key=lambda m: m.step)]
+
+    assert history("accuracy") == [(row["round"], pytest.approx(row["accuracy"])) for row in rows]
+    assert history("epsilon_max") == [(row["round"], pytest.approx(row["epsilon_max"])) for row in rows]
+    for cid in privacy["clients"]:
+        assert history(f"epsilon/{cid}") == [(row["round"], pytest.approx(row["epsilon"][cid])) for row in rows]
+    assert history("clients_ok") == [(row["round"], row["clients_ok"]) for row in rows]
+
+
+def test_mlflow_holds_one_run_per_fedtrain_run_with_every_round(tracked_demo_run, tmp_path, capsys):
+    run_dir, store = tracked_demo_run["run_dir"], tracked_demo_run["mlruns"]
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+
+    client, runs = _mlflow_runs(store, run_id)  # logged live, round by round, by the server loop's observer
+    assert len(runs) == 1
+    (mlflow_run,) = runs
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == run_dir.name
+    _assert_every_round(client, mlflow_run.info.run_id, rows, privacy)
+    assert mlflow_run.data.params["privacy.target_epsilon"] == "3.0"
+    assert mlflow_run.data.params["federation.clients"] == "5"
+    assert "epsilon <= " in mlflow_run.data.tags["mlflow.note.content"]
+    artifacts = [a.path for a in client.list_artifacts(mlflow_run.info.run_id)]
+    assert artifacts == ["report.html"]  # the report; never the model, in any form
+    downloaded = Path(client.download_artifacts(mlflow_run.info.run_id, "report.html", str(tmp_path)))
+    assert downloaded.read_bytes() == (run_dir / "report.html").read_bytes()
+
+    # the same run reported again adds nothing but the report: still one MLflow run, each round once
+    argv = ["report", str(run_dir), "--out", str(tmp_path / "again.html"), "--key-file", str(tracked_demo_run["key"])]
+    code, out, err = run_cli([*argv, "--track", "mlflow", "--mlflow-uri", str(store)], capsys)
+    assert code == 0, err
+    assert "logged 0 rounds" in out and "(3 were there already)" in out
+    client, runs = _mlflow_runs(store, run_id)
+    assert len(runs) == 1
+    _assert_every_round(client, runs[0].info.run_id, rows, privacy)
+
+    # a run that was never tracked is logged afterwards from its verified files
+    fresh = tmp_path / "fresh-store"
+    code, out, err = run_cli([*argv, "--track", "mlflow", "--mlflow-uri", str(fresh)], capsys)
+    assert code == 0, err
+    assert "mlflow: logged 3 rounds" in out
+    client, runs = _mlflow_runs(fresh, run_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    _assert_every_round(client, runs[0].info.run_id, rows, privacy)
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id)] == ["again.html"]
+
+
+def test_tensorboard_event_files_hold_every_round(tracked_demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tracked_demo_run["run_dir"]
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"accuracy", "loss", "epsilon_max", "train_loss", "clients_ok", "seconds"} <= scalars
+    expected = {"accuracy": [r["accuracy"] for r in rows], "epsilon_max": [r["epsilon_max"] for r in rows]}
+    expected.update({f"epsilon/{cid}": [r["epsilon"][cid] for r in rows] for cid in rows[-1]["epsilon"]})
+    for tag, values in expected.items():
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert logged == [(r["round"], pytest.approx(v, rel=1e-6)) for r, v in zip(rows, values, strict=True)], tag
+    texts = set(events.Tags()["tensors"])
+    assert {"config/text_summary", "report/text_summary"} <= texts
+    report = events.Tensors("report/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "report.html" in report and "No audit was run." in report
+
+
+def test_round_metrics_name_the_tasks_headline_metric_and_skip_missing_values():
+    row = {"round": 2, "metric": "r2", "accuracy": 0.7, "loss": float("nan"), "federated_accuracy": None,
+           "federated": {"mae": 0.3}, "epsilon": {"site a": 1.5}, "epsilon_max": 1.5, "clients_ok": 4,
+           "secure_aggregation": {"updates_scaled": 2}}  # fmt: skip
+    expected = {"r2": 0.7, "federated_mae": 0.3, "epsilon/site a": 1.5, "epsilon_max": 1.5, "clients_ok": 4.0,
+                "secure_aggregation/updates_scaled": 2.0, "round": 2.0}  # fmt: skip
+    assert round_metrics(row) == expected
+
+
+def test_a_tracker_that_is_not_installed_is_said_before_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    with pytest.raises(FedtrainError, match=r"needs the mlflow-skinny package; install it with pip install"):
+        make_trackers(["mlflow"])
+    code, _, err = run_cli(["report", str(tmp_path / "nowhere"), "--track", "mlflow"], capsys)
+    _assert_user_error(code, err, "install it with pip install 'fedtrain[track]'")
+    with pytest.raises(FedtrainError, match="track must name mlflow or tensorboard, not 'wandb'"):
+        Config(track=["wandb"]).validate()
+
+
+class Broken(Tracker):
+    name = "broken"
+
+    def open(self, run):
+        pass
+
+    def log_round(self, row):
+        raise ConnectionError("tracking server unreachable")
+
+    def attach(self, report, files):
+        raise AssertionError("a dropped tracker is not called again")
+
+    def close(self, finished):
+        raise AssertionError("a dropped tracker is not called again")
+
+
+def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, caplog):
+    observer = Tracking.__new__(Tracking)
+    observer.federation = SimpleNamespace(rows=[{"round": 1}], run_dir=tmp_path / "run")
+    observer.trackers = [Broken()]
+    with caplog.at_level(logging.WARNING, logger="fedtrain"):
+        observer.after_round(record=None)  # type: ignore[arg-type]
+        observer.after_run(completed=True)
+    assert observer.trackers == []
+    assert "tracking to broken stopped (ConnectionError: tracking server unreachable); the run goes on" in caplog.text
+    assert f"fedtrain report {tmp_path / 'run'} --track broken" in caplog.text
