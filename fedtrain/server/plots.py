@@ -38,8 +38,12 @@ def clients(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({cid for row in rows for cid in (row.get("epsilon") or {})})
 
 
-def _rounds_axis(axis: Any) -> None:
+def _rounds_axis(axis: Any, rows: list[dict[str, Any]]) -> None:
+    """Rounds on x: whole numbers only, and no round 0 or past the last."""
     axis.set_xlabel("round")
+    rounds = [row["round"] for row in rows]
+    if rounds:
+        axis.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axis.grid(True, alpha=0.3)
 
@@ -74,7 +78,7 @@ def draw_metric(axis: Any, rows: list[dict[str, Any]]) -> None:
         axis.plot(rounds, central, marker="o", markersize=3, color=CENTRAL, label="central (test split)")
     axis.set_ylabel(name)
     axis.set_title(f"{name} per round")
-    _rounds_axis(axis)
+    _rounds_axis(axis, rows)
     _unit_range(axis, name, central + federated)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(loc="best", fontsize="small")
@@ -93,7 +97,7 @@ def draw_loss(axis: Any, rows: list[dict[str, Any]]) -> None:
             axis.plot(rounds, series, marker=".", linestyle=style, color=color, label=label)
     axis.set_ylabel("loss")
     axis.set_title("loss per round")
-    _rounds_axis(axis)
+    _rounds_axis(axis, rows)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(loc="best", fontsize="small")
 
@@ -122,7 +126,7 @@ def draw_client_epsilon(axis: Any, rows: list[dict[str, Any]]) -> None:
     axis.set_ylabel("epsilon spent")
     axis.set_title("privacy spent by each client")
     axis.set_ylim(bottom=0)
-    _rounds_axis(axis)
+    _rounds_axis(axis, rows)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(loc="upper left", fontsize="small", ncol=2 if len(names) > 5 else 1)
 
@@ -169,7 +173,7 @@ def draw_participation(axis: Any, rows: list[dict[str, Any]]) -> None:
     axis.set_ylabel("clients")
     axis.set_title("clients per round")
     axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-    _rounds_axis(axis)
+    _rounds_axis(axis, rows)
     axis.legend(loc="upper center", fontsize="small", ncol=3)
 
 
@@ -178,7 +182,7 @@ def draw_seconds(axis: Any, rows: list[dict[str, Any]]) -> None:
     axis.bar([row["round"] for row in rows], [value(row, "seconds") for row in rows], color=CENTRAL)
     axis.set_ylabel("seconds")
     axis.set_title("time per round")
-    _rounds_axis(axis)
+    _rounds_axis(axis, rows)
 
 
 def figure(draw: Any, rows: list[dict[str, Any]], size: tuple[float, float] = (6.4, 3.4)) -> Figure:

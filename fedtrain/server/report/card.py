@@ -287,7 +287,7 @@ def epsilon_meaning(epsilon: float, delta: float) -> list[str]:
     return [
         f"Take any one person whose record is in a client's data. Everything anyone can see from this training "
         f"(the model, every update, every released metric) would have been almost as likely had that record been "
-        f"left out: at most {factor:,.1f} times as likely (e^epsilon, with epsilon = {epsilon:.3g}), except with "
+        f"left out: at most {factor:,.1f} times as likely (e^epsilon, with epsilon = {epsilon:.3f}), except with "
         f"a probability of at most delta = {delta:.3g} ({one_in}).",
         f"In betting terms: someone who, before the training, thought it a coin toss (50%) whether this person's "
         f"record was used can be at most {100 * posterior(epsilon):.1f}% sure afterwards, whatever else they know. "

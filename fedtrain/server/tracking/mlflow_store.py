@@ -38,6 +38,13 @@ def absolute(given: str | None) -> str:
     return str(Path(given or DEFAULT_FOLDER).expanduser().resolve())
 
 
+def tracking_uri(given: str | None) -> str:
+    """The tracking URI `given` stands for (nothing created): what `mlflow ui --backend-store-uri` takes."""
+    if given and given.startswith(URI_SCHEMES):
+        return given
+    return f"sqlite:///{Path(absolute(given)) / 'mlflow.db'}"
+
+
 def store_uri(given: str | None) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment) for `given`: a folder (default
     ./mlruns) holding mlflow.db and artifacts/, or any MLflow tracking URI used as it is."""
@@ -45,7 +52,7 @@ def store_uri(given: str | None) -> tuple[str, str | None]:
         return given, None
     folder = Path(absolute(given))
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
+    return tracking_uri(given), (folder / "artifacts").as_uri()
 
 
 MISSING = "tracking to MLflow needs the mlflow-skinny package; install it with pip install 'fedtrain[track]'."
