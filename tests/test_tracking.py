@@ -19,6 +19,7 @@ from fedtrain.server.tracking import make_trackers, round_metrics
 from fedtrain.server.tracking.base import Tracker
 from tests.conftest import run_cli
 from tests.test_cli_errors import _assert_user_error
+from tests.test_strategies import task_identity  # noqa: F401 (fixture)
 
 
 def _mlflow_runs(store: Path, run_id: str) -> tuple[object, list]:
@@ -146,3 +147,39 @@ def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, caplog):
     assert observer.trackers == []
     assert "tracking to broken stopped (ConnectionError: tracking server unreachable); the run goes on" in caplog.text
     assert f"fedtrain report {tmp_path / 'run'} --track broken" in caplog.text
+
+
+def test_a_killed_and_resumed_run_continues_its_own_records(tmp_path, task_identity) -> None:  # noqa: F811
+    """The server dies after round 2 (its MLflow run marked FAILED); the resumed run finds the same
+    MLflow run and the same event files, and ends with every round in each exactly once."""
+    from fedtrain.security.keys import generate_key, write_key_file
+    from fedtrain.server.loop import Federation
+    from tests.test_strategies import ControlledGrid
+
+    key = write_key_file(tmp_path / "model.key", generate_key())
+    config = Config(clients=7, rounds=4, input_shape=[4], num_classes=3, fraction_evaluate=0.0,
+                    run_dir=str(tmp_path / "run"), key_file=str(key), track=["mlflow", "tensorboard"],
+                    mlflow_uri=str(tmp_path / "mlruns")).validate()  # fmt: skip
+
+    def killed_after_round_2(row):
+        if row["round"] == 2:
+            raise KeyboardInterrupt  # after the tracking observer, like a Ctrl-C between two rounds
+
+    with pytest.raises(KeyboardInterrupt):
+        Federation(config, on_round=killed_after_round_2).run(ControlledGrid())
+    run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+    client, runs = _mlflow_runs(tmp_path / "mlruns", run_id)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+    rows = Federation(config, on_round=lambda row: None, resume=True).run(ControlledGrid())
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    client, runs = _mlflow_runs(tmp_path / "mlruns", run_id)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "epsilon_max"))
+    assert steps == [1, 2, 3, 4]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("round")) == [1, 2, 3, 4]
