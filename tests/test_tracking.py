@@ -183,3 +183,20 @@ def test_a_killed_and_resumed_run_continues_its_own_records(tmp_path, task_ident
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert sorted(e.step for e in events.Scalars("round")) == [1, 2, 3, 4]
+
+
+def test_a_servers_default_mlflow_store_is_where_fedtrain_server_runs(tmp_path, monkeypatch) -> None:
+    """The ServerApp runs in another process, with another working directory: `fedtrain server`
+    hands it MLflow's store as an absolute path (./mlruns where the server was started)."""
+    from fedtrain.security.kits import provision
+    from fedtrain.server.deployment import ServerOptions, deployment_config
+
+    provision(tmp_path / "kits", ["127.0.0.1"], 1)
+    monkeypatch.chdir(tmp_path)
+    declared = Config(rounds=1, input_shape=[4], num_classes=3, track=["mlflow"])
+    config = deployment_config(ServerOptions(tmp_path / "kits" / "server", declared, min_clients=1), tmp_path / "run")
+    assert config.deployment.mlflow_uri == str(tmp_path / "mlruns")
+    assert Config.from_run_config(config.to_run_config()).deployment.track == ["mlflow"]
+    untracked = deployment_config(ServerOptions(tmp_path / "kits" / "server", declared.replace(track=[]),
+                                                min_clients=1), tmp_path / "run")  # fmt: skip
+    assert untracked.deployment.mlflow_uri is None
