@@ -219,3 +219,16 @@ def test_training_png_has_integer_rounds_a_line_per_client_and_accuracy_against_
     (curve,) = against_epsilon.get_lines()
     assert list(curve.get_xdata()) == [row["epsilon_max"] for row in rows]
     assert list(curve.get_ydata()) == [row["accuracy"] for row in rows]
+
+
+def test_names_from_the_run_are_text_never_markup(tracked_demo_run):
+    """A client name (chosen by whoever provisioned the kits) cannot inject anything into the page."""
+    files = load_verified_run(tracked_demo_run["run_dir"], load_model_key(str(tracked_demo_run["key"])))
+    hostile = '<script>alert("x")</script><img src=http://evil.example/x>'
+    files.privacy["clients"][hostile] = files.privacy["clients"].pop("client-0")
+    for row in files.rows:
+        row["epsilon"][hostile] = row["epsilon"].pop("client-0")
+        row["refused"] = {hostile: "<b>budget</b>"}
+    text = render(files)
+    assert "<script" not in text and "<img" not in text and "<b>" not in text
+    assert text.count("&lt;script&gt;") >= 3  # shown as text: the client table, the refusals, the chart's legend
