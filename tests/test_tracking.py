@@ -17,7 +17,7 @@ from fedtrain.errors import FedtrainError
 from fedtrain.server.observers.tracking import Tracking
 from fedtrain.server.tracking import make_trackers, round_metrics
 from fedtrain.server.tracking.base import Tracker
-from tests.conftest import run_cli
+from tests.conftest import mlflow_store, run_cli
 from tests.test_cli_errors import _assert_user_error
 from tests.test_strategies import task_identity  # noqa: F401 (fixture)
 
@@ -42,7 +42,7 @@ def _assert_every_round(client, mlflow_run, rows: list[dict], privacy: dict) -> 
     assert history("clients_ok") == [(row["round"], row["clients_ok"]) for row in rows]
 
 
-def test_mlflow_holds_one_run_per_fedtrain_run_with_every_round(tracked_demo_run, tmp_path, capsys):
+def test_mlflow_holds_one_run_per_fedtrain_run_with_every_round(tracked_demo_run, empty_mlflow_store, tmp_path, capsys):
     run_dir, store = tracked_demo_run["run_dir"], tracked_demo_run["mlruns"]
     rows = json.loads((run_dir / "metrics.json").read_text())
     privacy = json.loads((run_dir / "privacy.json").read_text())
@@ -71,7 +71,7 @@ def test_mlflow_holds_one_run_per_fedtrain_run_with_every_round(tracked_demo_run
     _assert_every_round(client, runs[0].info.run_id, rows, privacy)
 
     # a run that was never tracked is logged afterwards from its verified files
-    fresh = tmp_path / "fresh-store"
+    fresh = mlflow_store(empty_mlflow_store, tmp_path / "fresh-store")
     code, out, err = run_cli([*argv, "--track", "mlflow", "--mlflow-uri", str(fresh)], capsys)
     assert code == 0, err
     assert "mlflow: logged 3 rounds" in out
@@ -149,7 +149,7 @@ def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, caplog):
     assert f"fedtrain report {tmp_path / 'run'} --track broken" in caplog.text
 
 
-def test_a_killed_and_resumed_run_continues_its_own_records(tmp_path, task_identity) -> None:  # noqa: F811
+def test_a_killed_and_resumed_run_continues_its_own_records(tmp_path, empty_mlflow_store, task_identity) -> None:  # noqa: F811
     """The server dies after round 2 (its MLflow run marked FAILED); the resumed run finds the same
     MLflow run and the same event files, and ends with every round in each exactly once."""
     from fedtrain.security.keys import generate_key, write_key_file
@@ -157,6 +157,7 @@ def test_a_killed_and_resumed_run_continues_its_own_records(tmp_path, task_ident
     from tests.test_strategies import ControlledGrid
 
     key = write_key_file(tmp_path / "model.key", generate_key())
+    mlflow_store(empty_mlflow_store, tmp_path / "mlruns")
     config = Config(clients=7, rounds=4, input_shape=[4], num_classes=3, fraction_evaluate=0.0,
                     run_dir=str(tmp_path / "run"), key_file=str(key), track=["mlflow", "tensorboard"],
                     mlflow_uri=str(tmp_path / "mlruns")).validate()  # fmt: skip
