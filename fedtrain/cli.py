@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from fedtrain.errors import FedtrainError, find_fedtrain_error
 from fedtrain.run_report import earlier_rows, fmt, print_failures, print_summary, round_table
@@ -25,6 +26,9 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
+# "\\[" keeps rich's help formatter from reading [track] as markup
+TRACK_HELP = "Also log every round to mlflow or tensorboard (repeat for both; pip install 'fedtrain\\[track]')."
+MLFLOW_URI_HELP = "MLflow's store: a folder (default ./mlruns) or an MLflow tracking URI."
 
 
 def _new_run_dir(run_dir: str | None) -> Path:
@@ -94,6 +98,8 @@ def simulate(
     policy: Annotated[
         Path | None, typer.Option(help="A client privacy policy (TOML) every simulated client applies.")
     ] = None,
+    track: Annotated[list[str] | None, typer.Option(help=TRACK_HELP)] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help=MLFLOW_URI_HELP)] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
@@ -254,6 +260,43 @@ def verify(
     console.print(f"all {len(states)} files of {run_dir} are as fedtrain wrote them.")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write the HTML page (default: RUN_DIR/report.html).")
+    ] = None,
+    key_file: Annotated[
+        str | None, typer.Option(help="Model key file (default: the run's own, $FEDTRAIN_MODEL_KEY or store).")
+    ] = None,
+    track: Annotated[
+        list[str] | None,
+        typer.Option(help="Also log the finished run to mlflow or tensorboard (repeat for both), report attached."),
+    ] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help=MLFLOW_URI_HELP)] = None,
+) -> None:
+    """Write one self-contained HTML page about a run for whoever signs it off: its privacy card in plain
+    words, the training, and the run's configuration, versions and fingerprints. The run's files are
+    verified first; a run whose reports were edited gets no report."""
+    from fedtrain.security.keys import load_model_key
+    from fedtrain.server.report import write_report
+    from fedtrain.server.tracking import log_finished_run, make_trackers
+
+    trackers = make_trackers(track or [], mlflow_uri)  # a tracker that is not installed: said before anything
+    written = write_report(run_dir, load_model_key(key_file or _configured_key_file(run_dir)), out)
+    spending = written.files.privacy.get("clients", {})
+    worst = max((c["epsilon"] for c in spending.values()), default=None)
+    console.print(
+        f"wrote {written.path}: the privacy card and report of run {written.files.name} ({len(written.files.rows)} "
+        f"rounds, {len(spending)} clients" + (f", epsilon <= {worst:.3f}" if worst is not None else "") + "); "
+        "its files were verified first.",
+        highlight=False,
+        markup=False,
+    )
+    for line in log_finished_run(trackers, written):
+        console.print(line, highlight=False, markup=False)
+
+
 @app.command(name="rotate-key")
 def rotate_key(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
@@ -359,16 +402,20 @@ def server(
         Path | None,
         typer.Option(help="Continue the run in this directory after its last complete round (its own config)."),
     ] = None,
+    track: Annotated[list[str] | None, typer.Option(help=TRACK_HELP)] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help=MLFLOW_URI_HELP)] = None,
 ) -> None:
     """Run a federation: SuperLink with TLS and node authentication, then the fedtrain run."""
     from fedtrain.config import resolve
     from fedtrain.server.deployment import ServerOptions, serve
+    from fedtrain.server.tracking import make_trackers
 
     if insecure:
         _warn_insecure("server")
     if resume is not None:
         config, run_dir = _resumed_config(resume, config, run_dir), str(resume)
-    resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
+    resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir, "track": track, "mlflow_uri": mlflow_uri})
+    make_trackers(resolved.deployment.track or [])  # a tracker that is not installed: said before anything starts
     path = resume if resume is not None else _new_run_dir(resolved.deployment.run_dir)
     options = ServerOptions(
         kit,
@@ -528,7 +575,7 @@ def main() -> None:
         user_error = find_fedtrain_error(exc)
         if user_error is None:
             raise
-        errors.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     finally:
         signal.signal(signal.SIGTERM, previous)

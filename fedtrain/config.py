@@ -45,6 +45,7 @@ PARTITIONS: tuple[str, ...] = get_args(Partition)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDP)
 METRICS_MODES: tuple[str, ...] = get_args(MetricsMode)
+TRACK_TARGETS = ("mlflow", "tensorboard")  # where `track` may log a run (server/tracking/)
 
 
 @dataclass
@@ -142,6 +143,8 @@ class DeploymentConfig:
     kit: str | None = None
     run_dir: str | None = None
     key_file: str | None = None  # the *path* of the model key, never a key
+    track: list[str] | None = None  # also log every round to: mlflow, tensorboard (server/tracking/)
+    mlflow_uri: str | None = None  # MLflow's store: a folder (unset: ./mlruns) or an MLflow tracking URI
 
 
 SECTIONS: dict[str, type] = {
@@ -290,6 +293,9 @@ class Config:
             raise FedtrainError(f"target_range must be [low, high] with low < high, not {data.target_range}.")
         _positive(fed, "secagg_update_bound")
         _in_range(fed, "secagg_threshold", 0.0, 1.0, low_open=True)
+        for target in self.deployment.track or []:
+            if target not in TRACK_TARGETS:
+                raise FedtrainError(f"track must name {' or '.join(TRACK_TARGETS)}, not {target!r}.")
         return self
 
     def _validate_privacy(self) -> None:

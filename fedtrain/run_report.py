@@ -107,6 +107,35 @@ def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> N
         f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
     )
     console.print(f"to decrypt it: fedtrain export {path} --out model.pt")
+    print_report_and_tracking(console, path)
+
+
+def print_report_and_tracking(console: Console, path: Path) -> None:
+    """Where the run's report is (or how to write one), and where it was tracked."""
+    from fedtrain.config import load_toml
+    from fedtrain.errors import FedtrainError
+    from fedtrain.server.tracking import mlflow_store, tensorboard_events
+
+    report = path / "report.html"
+    console.print(
+        f"privacy card and report for whoever signs the run off: {report}"
+        if report.is_file()
+        else f"privacy card and report for whoever signs the run off: fedtrain report {path}",
+        highlight=False,
+        markup=False,
+    )
+    try:
+        config = load_toml(path / "config.toml")
+    except FedtrainError:
+        return
+    track = config.get("track") or []
+    if "mlflow" in track:
+        uri = mlflow_store.tracking_uri(config.get("mlflow_uri"))
+        console.print(f"MLflow: run {path.name} in experiment {mlflow_store.EXPERIMENT!r} of {uri} (mlflow ui "
+                      f"--backend-store-uri {uri})", highlight=False, markup=False)  # fmt: skip
+    if "tensorboard" in track:
+        console.print(f"TensorBoard: tensorboard --logdir {path / tensorboard_events.FOLDER}", highlight=False,
+                      markup=False)  # fmt: skip
 
 
 def _spending(ledger: list[dict[str, Any]]) -> str:

@@ -43,6 +43,7 @@ from fedtrain.server.fleet_gateway import FleetGateway
 from fedtrain.server.fleet_limits import gateway_limits
 from fedtrain.server.history import METRICS_JSON
 from fedtrain.server.model_files import MODEL_FILE
+from fedtrain.server.tracking import mlflow_store
 from fedtrain.strategies import make_strategy
 
 CONNECTION = "fedtrain"
@@ -107,6 +108,10 @@ def deployment_config(options: ServerOptions, run_dir: Path, declared: Config | 
         kit=str(kit),
         clients=population,
         min_available_clients=config.federation.min_available_clients or options.min_clients,
+        # the ServerApp runs in another process, maybe elsewhere: MLflow's default ./mlruns is the server's
+        mlflow_uri=mlflow_store.absolute(config.deployment.mlflow_uri)
+        if "mlflow" in (config.deployment.track or [])
+        else None,
     )
     make_strategy(config)  # its name and parameters, before anything starts
     return config

@@ -1,5 +1,5 @@
 """What a run leaves behind in its run directory besides the model: the per-round metrics history
-(JSON + CSV), a plot of accuracy and epsilon, and the privacy report with every client's ledger.
+(JSON + CSV), a plot of accuracy and epsilon per client, and the privacy report with every client's ledger.
 Each file is recorded, as written, in the run's integrity record (security/run_integrity.py)."""
 
 from __future__ import annotations
@@ -109,27 +109,11 @@ def write_privacy_report(
 
 
 def write_plot(run_dir: Path, rows: list[dict[str, Any]], integrity: RunIntegrity | None = None) -> None:
-    """training.png: accuracy (left axis) and the largest client epsilon (right axis) per round."""
-    import matplotlib
+    """training.png: the headline metric per round, each client's epsilon per round, and the metric
+    against the epsilon spent (server/plots.py)."""
+    from fedtrain.server import plots  # matplotlib: loaded when the first plot is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [row["round"] for row in rows]
-    figure, left = plt.subplots(figsize=(6, 3.6), dpi=100)
-    left.plot(rounds, [row["accuracy"] for row in rows], marker="o", color="tab:blue")
-    left.set_xlabel("round")
-    left.set_ylabel("accuracy", color="tab:blue")
-    left.set_ylim(0, 1)
-    right = left.twinx()
-    right.plot(rounds, [row["epsilon_max"] for row in rows], marker="s", color="tab:red")
-    right.set_ylabel("max client epsilon", color="tab:red")
-    left.set_title("fedtrain: accuracy and privacy spent")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    _write(run_dir, {PLOT: buffer.getvalue()}, integrity)
+    _write(run_dir, {PLOT: plots.png(plots.training_figure(rows))}, integrity)
 
 
 def _write(run_dir: Path, files: dict[str, bytes], integrity: RunIntegrity | None) -> None:

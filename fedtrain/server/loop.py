@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import random
 import time
 import uuid
@@ -53,6 +54,19 @@ from fedtrain.strategies import central_dp, make_strategy
 
 log = logging.getLogger("fedtrain")
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _versions() -> dict[str, str]:
+    """The versions of Python and of the packages that decide what a run computes."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("fedtrain", "flwr", "opacus", "torch", "numpy", "cryptography"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 class Federation:
@@ -118,6 +132,7 @@ class Federation:
             "key_id": self.model_key.key_id,
             "fedtrain_version": fedtrain.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": _versions(),  # what trained and accounted this run (the report shows it)
         }
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
@@ -128,6 +143,15 @@ class Federation:
     # ------------------------------------------------------------------ loop
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:
+        try:
+            self._run(grid)
+        except BaseException:
+            self._after_run(completed=False)
+            raise
+        self._after_run(completed=True)
+        return self.rows
+
+    def _run(self, grid: Grid) -> None:
         inner = make_strategy(self.config)
         strategy = ScreenedStrategy(inner, self.config, self.book, self.trainable)
         state = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items())
@@ -150,7 +174,10 @@ class Federation:
         for server_round in range(first, self.config.federation.rounds + 1):
             state = self._round(grid, strategy, server_round, state)
         self._save_model(state)
-        return self.rows
+
+    def _after_run(self, completed: bool) -> None:
+        for observer in self.observers:
+            observer.after_run(completed)
 
     def _round(self, grid: Grid, strategy: ScreenedStrategy, server_round: int, state: OrderedDict) -> OrderedDict:
         started = time.monotonic()
