@@ -184,6 +184,7 @@ def test_tune_end_to_end_in_simulation(tmp_path: Path) -> None:
     privacy.json, nothing of the losing trial left, every report intact."""
     import fedtrain
     from fedtrain.security.keys import generate_key, load_model_key, write_key_file
+    from fedtrain.server.report import write_report
     from fedtrain.server.verification import require_intact_reports
     from fedtrain.tuning import TUNING_JSON, SearchSpace
 
@@ -209,6 +210,8 @@ def test_tune_end_to_end_in_simulation(tmp_path: Path) -> None:
     assert report["chosen"] == result.chosen and "trials" not in json.dumps(report["chosen"])
     assert not any(p.name.startswith(".trials-") for p in result.run_dir.iterdir())
     require_intact_reports(result.run_dir, load_model_key(str(tmp_path / "model.key")))
+    page = write_report(result.run_dir, load_model_key(str(tmp_path / "model.key")), tmp_path / "r.html").path
+    assert "1 private tuning(s)" in page.read_text(encoding="utf-8")  # the card names the tuning it paid for
     with pytest.raises(FedtrainError, match="belong to `fedtrain tune`"):
         fedtrain.simulate("digits", clients=2, rounds=1, tuning_trials=2.0, tuning_id="x",
                           metrics="none")  # fmt: skip

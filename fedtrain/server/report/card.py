@@ -40,6 +40,7 @@ class ClientSpend:
     training_rounds: int
     steps: int
     releases: int
+    tunings: int = 0  # private tunings (each the best of a secret number of trials; docs/privacy.md)
 
 
 @dataclass
@@ -168,8 +169,9 @@ def client_spending(files: RunFiles) -> list[ClientSpend]:
                 lifetime_epsilon=float(lifetime) if lifetime is not None else None,
                 metrics=str(info.get("metrics", "private")),
                 training_rounds=len(training),
-                steps=sum(int(e.get("steps", 0)) for e in training),
-                releases=len(ledger) - len(training),
+                steps=sum(int(e.get("steps", 0)) for e in ledger if e.get("kind", "train") in ("train", "tuning")),
+                releases=sum(e.get("kind") == "metrics" for e in ledger),
+                tunings=sum(e.get("kind") == "tuning" for e in ledger),
             )
         )
     return spending

@@ -235,7 +235,7 @@ def _clients(files: RunFiles) -> str:
                 f"{s.delta:.0e}",
                 esc(s.accountant.upper()),
                 num(s.lifetime_epsilon) if s.lifetime_epsilon is not None else '<span class="note">not shared</span>',
-                str(s.training_rounds),
+                str(s.training_rounds) if not s.tunings else f"{s.tunings} private tuning(s)",
                 str(s.steps),
                 str(s.releases),
                 esc(s.metrics),
@@ -260,6 +260,13 @@ def _clients(files: RunFiles) -> str:
         'the server does); "not shared" where its policy keeps it private.',
         "Accountant: " + "; ".join(card.ACCOUNTANTS.get(a, a) for a in accountants) + ".",
     ]
+    if any(s.tunings for s in spending):
+        notes.insert(
+            0,
+            "This run was chosen by a private tuning: the ledger charges the best of a secret, random number of "
+            "trials once (Papernot and Steinke, Theorem 2), which covers every trial's training; DP-SGD steps "
+            "are those of one trial.",
+        )
     if asked:
         notes.insert(0, "Budget: " + "; ".join(asked) + "; each client also applies its own policy's caps.")
     head = [
