@@ -75,6 +75,9 @@ def simulate(
         bool | None,
         typer.Option("--secure-aggregation", help="SecAgg+: the server learns only the sum of the updates."),
     ] = None,
+    compression: Annotated[
+        str | None, typer.Option(help="Updates sent as none, int8, int4 or topk (after DP: no privacy cost).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,

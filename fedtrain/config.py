@@ -41,6 +41,7 @@ Partition = Literal["iid", "dirichlet"]
 Accountant = Literal["prv", "rdp"]
 CentralDP = Literal["off", "fixed", "adaptive"]
 MetricsMode = Literal["none", "private", "plain"]  # ordered: how much a client releases about its data
+UpdateCompression = Literal["none", "int8", "int4", "topk"]  # fedtrain/compression.py
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDP)
@@ -76,6 +77,10 @@ class FederationConfig:
     secure_aggregation: bool = False
     secagg_update_bound: float = 10.0  # clients scale updates to this L2 norm; quantisation range [-R, R]
     secagg_threshold: float = 0.6  # share of a client's shares needed to unmask it if it drops out
+    # updates sent compressed (after DP-SGD: post-processing, no privacy cost; error feedback on the client)
+    compression: UpdateCompression = "none"
+    compression_block: int = 256  # values per quantisation scale; 0: one scale per tensor
+    topk_fraction: float = 0.1  # top-k: the share of an update's values sent
     seed: int = 0  # splits, the initial model, the clients each round samples
 
 
@@ -285,7 +290,20 @@ class Config:
             raise FedtrainError(f"target_range must be [low, high] with low < high, not {data.target_range}.")
         _positive(fed, "secagg_update_bound")
         _in_range(fed, "secagg_threshold", 0.0, 1.0, low_open=True)
+        self._validate_compression()
         return self
+
+    def _validate_compression(self) -> None:
+        from fedtrain.compression import Compression
+
+        fed = self.federation
+        compression = Compression(fed.compression, fed.compression_block, fed.topk_fraction)  # checks each value
+        if fed.secure_aggregation and not compression.sums_exactly:
+            raise FedtrainError(
+                f"compression = {fed.compression} cannot be used with secure_aggregation: each client quantises "
+                "with its own scales, so the masked sum of what they send is not the sum of their updates; use "
+                'compression = "topk" or "none".'
+            )
 
     def _validate_privacy(self) -> None:
         privacy = self.privacy

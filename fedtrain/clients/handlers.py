@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from flwr.app import ArrayRecord, Context, Message
 from fedtrain import protocol
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
+from fedtrain.clients.update_compression import compress_update
 from fedtrain.components import Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_shard
@@ -386,8 +386,9 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
         metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released.std[0])
         entries += [released.entry] if released.entry is not None else []
     view = session.record(entries)
-    update = trainable_update(model, start)
-    return protocol.update_reply(msg, ArrayRecord(OrderedDict(update)), metrics, session.report(view))
+    update = {k: v.numpy() for k, v in trainable_update(model, start).items()}
+    arrays, compression = compress_update(update, config, context, session.view.run)  # post-processing of d
+    return protocol.update_reply(msg, arrays, metrics, session.report(view), compression)
 
 
 @guarded

@@ -197,6 +197,8 @@ class Federation:
             "client_clipping_norm": getattr(strategy.inner, "clipping_norm", None),
             "refused": dict(screened.refused),
             "failed": dict(screened.failed),
+            "bytes_up": dict(sorted(screened.bytes_up.items())),  # each client's train reply, as it travelled
+            "update_bytes": dict(sorted(screened.update_bytes.items())),  # of which its update
             "seconds": round(time.monotonic() - started, 3),
             **trained.row,
         }
