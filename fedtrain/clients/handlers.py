@@ -40,6 +40,7 @@ from fedtrain.data.partition import holdout_split, simulation_shard
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.evaluation import example_values
+from fedtrain.memory import return_large_buffers
 from fedtrain.models import build_model
 from fedtrain.privacy.calibration import RunPlan, client_delta, plan_run
 from fedtrain.privacy.fingerprint import ShardIdentity, identify
@@ -53,20 +54,7 @@ log = logging.getLogger("fedtrain")
 _IN_MEMORY = ClientSetup()  # handlers called directly (tests) keep their ledgers here
 
 
-def _return_large_buffers() -> None:
-    """Large buffers (a batch of images, 1 MiB and more) get their own pages and go back to the system
-    when freed. glibc raises this threshold after each such free, then serves batches from a heap that
-    fragments and keeps growing with the number of batches a shard has: a client's memory would grow
-    with its data, which shards read lazily are meant to avoid."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator, its ways
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-_return_large_buffers()
+return_large_buffers()  # batches read lazily: a client's memory must not grow with its data (fedtrain/memory.py)
 
 
 class ClientFailure(Exception):

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Message
 from fedtrain import protocol
 from fedtrain.compression import from_content
 from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.security.payload import array_view
 
 
 @dataclass
@@ -87,15 +88,25 @@ def error_reason(msg: Message) -> str:
     return last.rstrip("'>").strip() or "client error"
 
 
+CHECK_CHUNK = 1 << 18  # values checked at a time: temporaries stay about 2 MB whatever the update's size
+
+
 def _check_update(
     update: ArrayRecord | dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], max_norm: float | None = None
 ) -> tuple[str | None, dict[str, np.ndarray]]:
-    """(what is wrong with the update or None, its tensors decoded once)."""
+    """(what is wrong with the update or None, its tensors as arrays).
+
+    A plain update's tensors are numpy views of the reply's bytes, not copies, and its values are
+    checked a chunk at a time: screening an update of hundreds of MB takes a few MB beyond the reply."""
     if set(update.keys()) != set(global_arrays):
         return "its update has different tensors than the global model", {}
     squares, decoded = 0.0, {}
     for name, array in update.items():
-        value, reference = (array if isinstance(array, np.ndarray) else array.numpy()), global_arrays[name]
+        try:
+            value = array if isinstance(array, np.ndarray) else array_view(array)
+        except ValueError as exc:
+            return f"tensor {name} is malformed ({exc})", {}
+        reference = global_arrays[name]
         decoded[name] = value
         if value.shape != reference.shape or value.dtype != reference.dtype:
             problem = (
@@ -103,9 +114,12 @@ def _check_update(
             )
             return problem, {}
         if np.issubdtype(value.dtype, np.floating):
-            if not np.isfinite(value).all():
-                return f"tensor {name} contains NaN or infinite values", {}
-            squares += float(np.sum(np.square(value, dtype=np.float64)))
+            flat = value.reshape(-1)
+            for start in range(0, flat.size, CHECK_CHUNK):
+                part = flat[start : start + CHECK_CHUNK]
+                if not np.isfinite(part).all():
+                    return f"tensor {name} contains NaN or infinite values", {}
+                squares += float(np.sum(np.square(part, dtype=np.float64)))
     if max_norm is not None and squares**0.5 > max_norm:
         return f"its L2 norm {squares**0.5:.4g} exceeds max_update_norm = {max_norm:g}", {}
     return None, decoded
