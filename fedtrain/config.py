@@ -42,6 +42,8 @@ Accountant = Literal["prv", "rdp"]
 CentralDP = Literal["off", "fixed", "adaptive"]
 MetricsMode = Literal["none", "private", "plain"]  # ordered: how much a client releases about its data
 UpdateCompression = Literal["none", "int8", "int4", "topk"]  # fedtrain/compression.py
+GradSampleMode = Literal["auto", "hooks", "ew", "functorch", "ghost"]  # fedtrain/clients/grad_sample_mode.py
+Precision = Literal["fp32", "bf16"]
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDP)
@@ -134,6 +136,11 @@ class TrainingConfig:
     local_epochs: int = 2
     max_physical_batch_size: int | None = None  # GPU memory: compute a batch in chunks of this size
     device: str = "auto"
+    # per-sample gradients: auto (the fastest mode that matches hooks; ghost clipping when they would not
+    # fit in grad_sample_memory_mib, unset: a quarter of the device's memory) or one Opacus mode
+    grad_sample_mode: GradSampleMode = "auto"
+    grad_sample_memory_mib: float | None = None
+    precision: Precision = "fp32"  # bf16: forward under autocast, per-sample gradients clipped in float32
 
 
 @dataclass
@@ -269,6 +276,13 @@ class Config:
         self._validate_privacy()
         if training.max_physical_batch_size is not None:
             _positive_int(training, "max_physical_batch_size")
+        if training.grad_sample_memory_mib is not None:
+            _positive(training, "grad_sample_memory_mib")
+        if training.grad_sample_mode == "ghost" and training.precision != "fp32":
+            raise FedtrainError(
+                f"grad_sample_mode = ghost cannot be used with precision = {training.precision}: its half-precision "
+                "norms could let a clipped gradient exceed max_grad_norm; use precision = fp32 or another mode."
+            )
         if data.num_classes is not None and data.num_classes < 2:
             raise FedtrainError(f"num_classes must be at least 2, not {data.num_classes}.")
         if data.labels is not None and len(set(data.labels)) != len(data.labels):

@@ -164,6 +164,9 @@ def _settings(config: Config, context: Context) -> TrainSettings:
         # a real node may set its own (`fedtrain client --max-physical-batch-size`): its GPU, its memory
         max_physical_batch_size=int(context.node_config.get("max-physical-batch-size", 0))
         or config.training.max_physical_batch_size,
+        grad_sample_mode=config.training.grad_sample_mode,
+        grad_sample_memory_mib=config.training.grad_sample_memory_mib,  # unset: a quarter of this node's device
+        precision=config.training.precision,
     )
 
 
