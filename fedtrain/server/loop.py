@@ -46,6 +46,7 @@ from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, s
 from fedtrain.server.node_book import NodeBook
 from fedtrain.server.observers import OBSERVERS, RoundRecord
 from fedtrain.server.payload_sealer import PayloadSealer
+from fedtrain.server.quantized_export import CENTRAL_SPLIT
 from fedtrain.server.screened_strategy import ScreenedStrategy
 from fedtrain.server.screening import ClientPrivacy
 from fedtrain.server.sealed_grid import SealedGrid
@@ -118,6 +119,7 @@ class Federation:
             "key_id": self.model_key.key_id,
             "fedtrain_version": fedtrain.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            CENTRAL_SPLIT: self.test_set is not None,  # `fedtrain export --quantize` evaluates on it
         }
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
