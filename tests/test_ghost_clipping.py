@@ -156,3 +156,36 @@ def test_a_bf16_step_clips_each_sample_in_float32_and_stays_near_the_fp32_step()
     step = sum(float((f - p0).norm()) for f, p0 in zip(fp32, start, strict=True))
     assert moved < 0.05 * step, "bfloat16's forward changes the step by more than its rounding"
     assert history == [(0.0, 1 / 3, 1)]
+
+
+@pytest.mark.parametrize("name", ["transformer", "resnet18gn"])
+def test_ghost_clipping_gives_hooks_clipped_sum_on_the_gpu_checks_model_shapes(name: str) -> None:
+    """Attention, LayerNorm, GroupNorm and residual convolutions (benchmarks/large_models.py, made narrow
+    so the probe is quick): the probe compares ghost clipping's clipped sum with hooks' per-sample
+    gradients clipped here, at a bound that clips about half the samples."""
+    large_models = _benchmark_module("large_models")
+    small_transformer, BasicBlock = large_models.small_transformer, large_models.BasicBlock
+
+    def narrow(num_classes: int) -> torch.nn.Module:
+        if name == "transformer":
+            return small_transformer(num_classes, width=32, depth=2, heads=2)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, 1, 1), BasicBlock(32, 64, 2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+            torch.nn.Linear(64, num_classes),
+        )  # fmt: skip
+
+    shape = large_models.MODELS[name][1]
+    model = build_model(narrow, shape, CLASSES, seed=0)
+    assert matches_reference(model, GHOST, shape, CPU)
+
+
+def _benchmark_module(name: str):
+    """A module of this repo's benchmarks/ (by path: Opacus's wheel installs a top-level `benchmarks`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
