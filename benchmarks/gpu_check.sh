@@ -89,7 +89,7 @@ EOF
 
 federated() {
     if "$PY" -c "import ray, flwr.simulation" 2>/dev/null; then
-        echo "Ray and Flower import: fedtrain simulate on cuda"
+        echo "Ray and Flower import: fedtrain simulate on $DEVICE"
         # Its model key and run directory go under $OUT, never into the user's ~/.fedtrain.
         FEDTRAIN_HOME="$OUT_DIR/fedtrain-home" "$PY" -m fedtrain.cli simulate --device "$DEVICE" --rounds 3 --clients 3 \
             --target-epsilon 3 --model cnn --run-dir "$OUT_DIR/gpu-sim-$(date +%s)"
