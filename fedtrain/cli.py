@@ -79,6 +79,9 @@ def simulate(
         bool | None,
         typer.Option("--secure-aggregation", help="SecAgg+: the server learns only the sum of the updates."),
     ] = None,
+    compression: Annotated[
+        str | None, typer.Option(help="Updates sent as none, int8, int4 or topk (after DP: no privacy cost).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
@@ -217,6 +220,10 @@ def export(
         str | None, typer.Option(help="Model key file (default: $FEDTRAIN_MODEL_KEY or store).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: 8-bit weights (fedtrain.model_quantization.load_quantized reads them back)."),
+    ] = None,
 ) -> None:
     """Decrypt a run's final model to a plain state_dict file (only when you ask for it)."""
     import torch
@@ -228,6 +235,9 @@ def export(
 
     if out.exists() and not force:
         raise FedtrainError(f"{out} already exists; choose another --out or pass --force.")
+    if quantize is not None:
+        _export_quantized(run_dir, out, key_file or _configured_key_file(run_dir), quantize)
+        return
     info = read_run_info(run_dir)
     model_key = load_model_key(key_file or _configured_key_file(run_dir))
     state, meta = load_model(run_dir / MODEL_FILE, model_key.key, info["run_id"], "model")
@@ -236,6 +246,27 @@ def export(
     torch.save(state, buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+def _export_quantized(run_dir: Path, out: Path, key_file: str | None, mode: str) -> None:
+    from fedtrain.fileio import atomic_write_bytes
+    from fedtrain.server.quantized_export import quantized_export
+
+    made = quantized_export(run_dir, key_file, mode)
+    atomic_write_bytes(out, made.data, mode=0o600)
+    size = len(made.data)
+    console.print(
+        f"wrote the {mode} model of round {made.round} to {out} (mode 600): it is not encrypted.\n"
+        f"  size: {size:,} bytes, {size / made.full_bytes:.3f} of the float model's {made.full_bytes:,}",
+        highlight=False,
+    )
+    if made.why_no_metric is not None:
+        console.print(f"  {made.metric} on the central test split: not available ({made.why_no_metric}).")
+    else:
+        console.print(
+            f"  {made.metric} on the central test split: {made.quantized:.4f} ({mode}), {made.full:.4f} (float)",
+            highlight=False,
+        )
 
 
 @app.command()

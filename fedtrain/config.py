@@ -41,6 +41,9 @@ Partition = Literal["iid", "dirichlet"]
 Accountant = Literal["prv", "rdp"]
 CentralDP = Literal["off", "fixed", "adaptive"]
 MetricsMode = Literal["none", "private", "plain"]  # ordered: how much a client releases about its data
+UpdateCompression = Literal["none", "int8", "int4", "topk"]  # fedtrain/compression.py
+GradSampleMode = Literal["auto", "hooks", "ew", "functorch", "ghost"]  # fedtrain/clients/grad_sample_mode.py
+Precision = Literal["fp32", "bf16"]
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDP)
@@ -77,6 +80,10 @@ class FederationConfig:
     secure_aggregation: bool = False
     secagg_update_bound: float = 10.0  # clients scale updates to this L2 norm; quantisation range [-R, R]
     secagg_threshold: float = 0.6  # share of a client's shares needed to unmask it if it drops out
+    # updates sent compressed (after DP-SGD: post-processing, no privacy cost; error feedback on the client)
+    compression: UpdateCompression = "none"
+    compression_block: int = 256  # values per quantisation scale; 0: one scale per tensor
+    topk_fraction: float = 0.1  # top-k: the share of an update's values sent
     seed: int = 0  # splits, the initial model, the clients each round samples
 
 
@@ -135,6 +142,11 @@ class TrainingConfig:
     local_epochs: int = 2
     max_physical_batch_size: int | None = None  # GPU memory: compute a batch in chunks of this size
     device: str = "auto"
+    # per-sample gradients: auto (the fastest mode that matches hooks; ghost clipping when they would not
+    # fit in grad_sample_memory_mib, unset: a quarter of the device's memory) or one Opacus mode
+    grad_sample_mode: GradSampleMode = "auto"
+    grad_sample_memory_mib: float | None = None
+    precision: Precision = "fp32"  # bf16: forward under autocast, per-sample gradients clipped in float32
 
 
 @dataclass
@@ -272,6 +284,13 @@ class Config:
         self._validate_privacy()
         if training.max_physical_batch_size is not None:
             _positive_int(training, "max_physical_batch_size")
+        if training.grad_sample_memory_mib is not None:
+            _positive(training, "grad_sample_memory_mib")
+        if training.grad_sample_mode == "ghost" and training.precision != "fp32":
+            raise FedtrainError(
+                f"grad_sample_mode = ghost cannot be used with precision = {training.precision}: its half-precision "
+                "norms could let a clipped gradient exceed max_grad_norm; use precision = fp32 or another mode."
+            )
         if data.num_classes is not None and data.num_classes < 2:
             raise FedtrainError(f"num_classes must be at least 2, not {data.num_classes}.")
         if data.labels is not None and len(set(data.labels)) != len(data.labels):
@@ -296,7 +315,20 @@ class Config:
         for target in self.deployment.track or []:
             if target not in TRACK_TARGETS:
                 raise FedtrainError(f"track must name {' or '.join(TRACK_TARGETS)}, not {target!r}.")
+        self._validate_compression()
         return self
+
+    def _validate_compression(self) -> None:
+        from fedtrain.compression import Compression
+
+        fed = self.federation
+        compression = Compression(fed.compression, fed.compression_block, fed.topk_fraction)  # checks each value
+        if fed.secure_aggregation and not compression.sums_exactly:
+            raise FedtrainError(
+                f"compression = {fed.compression} cannot be used with secure_aggregation: each client quantises "
+                "with its own scales, so the masked sum of what they send is not the sum of their updates; use "
+                'compression = "topk" or "none".'
+            )
 
     def _validate_privacy(self) -> None:
         privacy = self.privacy

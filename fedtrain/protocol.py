@@ -25,6 +25,7 @@ from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 
 # ---------------------------------------------------------------- record names
 ARRAYS, METRICS, PRIVACY, CONFIG, STATUS = "arrays", "metrics", "privacy", "config", "status"
+COMPRESSION = "compression"  # client -> server, beside a compressed update: its mode, block size, tensors
 
 # server -> client, in CONFIG
 RUN_ID, PROXIMAL_MU = "fedtrain-run", "proximal-mu"
@@ -87,6 +88,8 @@ REPLY_FIELDS: dict[tuple[str, str], str] = {
     },
     (STATUS, ERROR): "public",
     (STATUS, CLIENT_ID): "public",
+    # how a compressed update is packed: the run's settings and the tensor names (fedtrain/compression.py)
+    (COMPRESSION, "*"): "public",
 }
 
 
@@ -184,10 +187,29 @@ def read_privacy(record: ConfigRecord) -> PrivacyReport:
 # ---------------------------------------------------------------- client replies
 
 
-def update_reply(msg: Message, update: ArrayRecord, metrics: Metrics, report: PrivacyReport) -> Message:
-    """A train reply: the update d, the public count and released metrics, the privacy record."""
+def update_reply(
+    msg: Message,
+    update: ArrayRecord,
+    metrics: Metrics,
+    report: PrivacyReport,
+    compression: ConfigRecord | None = None,
+) -> Message:
+    """A train reply: the update d (packed, with its `compression` record, when compressed), the public
+    count and released metrics, the privacy record."""
     content = RecordDict({ARRAYS: update, METRICS: MetricRecord(metrics), PRIVACY: privacy_record(report)})
+    if compression is not None:
+        content[COMPRESSION] = compression
     return Message(content, reply_to=msg)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes a message's content takes on the wire: every array's serialised data, plus the other
+    records serialised as Flower serialises them (the arrays are not serialised again to count them)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    arrays = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    rest = RecordDict({**content.metric_records, **content.config_records})
+    return arrays + recorddict_to_proto(rest).ByteSize()
 
 
 def metrics_reply(msg: Message, metrics: Metrics, report: PrivacyReport | None) -> Message:

@@ -61,7 +61,9 @@ def test_large_logical_batches_run_in_physical_chunks_with_one_dp_step_each(monk
     import fedtrain.clients.trainer as trainer
 
     seen, real = [], trainer.private_step
-    monkeypatch.setattr(trainer, "private_step", lambda m, o, c, x, y: (seen.append(len(y)), real(m, o, c, x, y))[1])
+    monkeypatch.setattr(
+        trainer, "private_step", lambda m, o, c, x, y, *a: (seen.append(len(y)), real(m, o, c, x, y, *a))[1]
+    )
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
     settings = TrainSettings(32, 2, 0.5, 0.0, 1.0, max_physical_batch_size=5)

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from flwr.app import ArrayRecord, Context, Message
 from fedtrain import protocol
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
+from fedtrain.clients.update_compression import compress_update
 from fedtrain.components import Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_shard
@@ -40,6 +40,7 @@ from fedtrain.data.partition import holdout_split, simulation_shard
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.evaluation import example_values
+from fedtrain.memory import return_large_buffers
 from fedtrain.models import build_model
 from fedtrain.privacy.calibration import RunPlan, client_delta, plan_run
 from fedtrain.privacy.fingerprint import ShardIdentity, identify
@@ -54,20 +55,7 @@ log = logging.getLogger("fedtrain")
 _IN_MEMORY = ClientSetup()  # handlers called directly (tests) keep their ledgers here
 
 
-def _return_large_buffers() -> None:
-    """Large buffers (a batch of images, 1 MiB and more) get their own pages and go back to the system
-    when freed. glibc raises this threshold after each such free, then serves batches from a heap that
-    fragments and keeps growing with the number of batches a shard has: a client's memory would grow
-    with its data, which shards read lazily are meant to avoid."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator, its ways
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-_return_large_buffers()
+return_large_buffers()  # batches read lazily: a client's memory must not grow with its data (fedtrain/memory.py)
 
 
 class ClientFailure(Exception):
@@ -177,6 +165,9 @@ def _settings(config: Config, context: Context) -> TrainSettings:
         # a real node may set its own (`fedtrain client --max-physical-batch-size`): its GPU, its memory
         max_physical_batch_size=int(context.node_config.get("max-physical-batch-size", 0))
         or config.training.max_physical_batch_size,
+        grad_sample_mode=config.training.grad_sample_mode,
+        grad_sample_memory_mib=config.training.grad_sample_memory_mib,  # unset: a quarter of this node's device
+        precision=config.training.precision,
     )
 
 
@@ -422,8 +413,9 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
         metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released.std[0])
         entries += [released.entry] if released.entry is not None else []
     view = session.record(entries) if entries else session.view
-    update = trainable_update(model, start)
-    return protocol.update_reply(msg, ArrayRecord(OrderedDict(update)), metrics, session.report(view))
+    update = {k: v.numpy() for k, v in trainable_update(model, start).items()}
+    arrays, compression = compress_update(update, config, context, session.view.run)  # post-processing of d
+    return protocol.update_reply(msg, arrays, metrics, session.report(view), compression)
 
 
 @guarded

@@ -16,7 +16,14 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode, set_empty_grad_samples
+from fedtrain.clients.grad_sample_mode import (
+    GHOST,
+    autocast,
+    choose_grad_sample_mode,
+    clip_grad_samples_in_float32,
+    memory_cap_bytes,
+    set_empty_grad_samples,
+)
 from fedtrain.data import Dataset, Transformed
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtrain.tasks import Classification, Task
@@ -35,6 +42,14 @@ class TrainSettings:
     # Large logical batches on a small GPU: Opacus's BatchMemoryManager computes each Poisson batch in
     # physical chunks of at most this many samples and takes one DP step per logical batch (same privacy).
     max_physical_batch_size: int | None = None
+    grad_sample_mode: str = "auto"  # or an Opacus mode; "ghost" (ghost clipping) is taken when memory needs it
+    grad_sample_memory_mib: float | None = None  # cap on per-sample gradients; None: a quarter of the device
+    precision: str = "fp32"  # "bf16": forward under autocast, per-sample gradients clipped in float32
+
+    @property
+    def physical_batch(self) -> int:
+        """The batch whose per-sample gradients are held at once (the expected Poisson batch, or its chunks)."""
+        return self.max_physical_batch_size or self.batch_size
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,10 @@ def private_step(
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
+    precision: str = "fp32",
 ) -> torch.Tensor | None:
-    """One DP-SGD step on a batch; its loss, or None for an empty batch."""
+    """One DP-SGD step on a batch; its loss, or None for an empty batch. `criterion` is the batch's mean
+    loss, or with ghost clipping Opacus's wrapper of it (whose backward runs both passes)."""
     private_optimizer.zero_grad(set_to_none=True)
     if len(y) == 0:
         # An empty Poisson batch still counts: Opacus adds pure noise and the accountant counts the step.
@@ -88,9 +105,11 @@ def private_step(
         set_empty_grad_samples(private_model)
         loss = None
     else:
-        loss = criterion(private_model(x), y)
+        with autocast(x.device, precision):
+            loss = criterion(private_model(x), y)
         with _quiet_opacus():
             loss.backward()
+        clip_grad_samples_in_float32(private_model)
     private_optimizer.step()
     return loss
 
@@ -131,9 +150,13 @@ def train_round(
         engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = ledger.history()
     steps_before = sum(step for *_, step in engine.accountant.history)
-    mode = choose_grad_sample_mode(model, data.input_shape, device)
+    mode = choose_grad_sample_mode(
+        model, data.input_shape, device, requested=settings.grad_sample_mode, batch=settings.physical_batch,
+        memory_cap_bytes=memory_cap_bytes(settings.grad_sample_memory_mib), precision=settings.precision,
+    )  # fmt: skip
     log.debug("per-sample gradients with Opacus grad_sample_mode=%s on %s", mode, device)
-    private_model, private_optimizer, private_loader = engine.make_private(
+    task_loss = TaskLoss(task)
+    made = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -142,14 +165,18 @@ def train_round(
         poisson_sampling=True,
         noise_generator=noise_generator,
         grad_sample_mode=mode,
+        criterion=task_loss,
     )
-    criterion = _mean_loss(task)
+    # ghost clipping also returns its criterion wrapper: loss.backward() runs its two backward passes
+    private_model, private_optimizer, criterion, private_loader = (
+        made if mode == GHOST else (*made[:2], task_loss, made[2])
+    )
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     with _batches(private_loader, private_optimizer, settings.max_physical_batch_size) as batches:
         for _ in range(settings.local_epochs):
             for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = private_step(private_model, private_optimizer, criterion, x, y)
+                loss = private_step(private_model, private_optimizer, criterion, x, y, settings.precision)
                 if settings.proximal_mu > 0 and not getattr(private_optimizer, "_is_last_step_skipped", False):
                     # The proximal term's gradient mu (w - w_t) depends on no example: it is applied after
                     # the private step, outside clipping and noise, and costs no privacy.
@@ -183,13 +210,18 @@ class TensorItems(torch.utils.data.Dataset):
         ]
 
 
-def _mean_loss(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The batch's mean of the task's per-example loss (the reduction Opacus's noise is scaled for)."""
+class TaskLoss(nn.Module):
+    """The batch's mean of the task's per-example loss (the reduction Opacus's noise is scaled for), or
+    the per-example losses when Opacus's ghost clipping sets `reduction = "none"`."""
 
-    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return task.loss(outputs, targets).mean()
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task = task
+        self.reduction = "mean"
 
-    return loss
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_example = self.task.loss(outputs.float(), targets)  # in float32 under autocast too
+        return per_example if self.reduction == "none" else per_example.mean()
 
 
 @contextlib.contextmanager

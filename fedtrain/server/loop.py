@@ -47,6 +47,7 @@ from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, s
 from fedtrain.server.node_book import NodeBook
 from fedtrain.server.observers import OBSERVERS, RoundRecord
 from fedtrain.server.payload_sealer import PayloadSealer
+from fedtrain.server.quantized_export import CENTRAL_SPLIT
 from fedtrain.server.screened_strategy import ScreenedStrategy
 from fedtrain.server.screening import ClientPrivacy
 from fedtrain.server.sealed_grid import SealedGrid
@@ -133,6 +134,7 @@ class Federation:
             "fedtrain_version": fedtrain.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),  # what trained and accounted this run (the report shows it)
+            CENTRAL_SPLIT: self.test_set is not None,  # `fedtrain export --quantize` evaluates on it
         }
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
@@ -224,6 +226,8 @@ class Federation:
             "client_clipping_norm": getattr(strategy.inner, "clipping_norm", None),
             "refused": dict(screened.refused),
             "failed": dict(screened.failed),
+            "bytes_up": dict(sorted(screened.bytes_up.items())),  # each client's train reply, as it travelled
+            "update_bytes": dict(sorted(screened.update_bytes.items())),  # of which its update
             "seconds": round(time.monotonic() - started, 3),
             **trained.row,
         }
