@@ -77,6 +77,27 @@ def test_the_cnn_in_the_cpus_fast_mode_and_dropout_pass() -> None:
     assert _refusal(_setup(dropout, data), data) is None
 
 
+class FrozenEncoder(nn.Module):
+    """A frozen transformer layer (dropout modules, and attention dropout that is not a module) under a
+    trainable head, as examples/text_adapters.py: nothing here mixes the examples of a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = nn.Linear(1, 8).requires_grad_(False)
+        layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.5, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.lift(x.unsqueeze(-1))).mean(dim=1))
+
+
+def test_a_frozen_transformer_with_attention_dropout_passes() -> None:
+    data = _data()
+    for _ in range(3):  # dropout draws differ each time: none may look like mixing
+        assert _refusal(_setup(FrozenEncoder(), data), data) is None
+
+
 def test_the_checks_leave_model_and_optimizer_as_they_were() -> None:
     data = _data()
     model = build_model("logistic", [4], 3, seed=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -152,8 +153,11 @@ def noise_refusal(optimizer: torch.optim.Optimizer, planned: LedgerEntry) -> str
 @contextlib.contextmanager
 def _probing(module: nn.Module) -> Iterator[None]:
     """Train mode (cross-sample layers mix only there), dropout off (the same output twice), and every
-    buffer (BatchNorm's running statistics) put back afterwards."""
-    dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    buffer (BatchNorm's running statistics) put back afterwards. MultiheadAttention drops attention
+    weights functionally while in train mode (its `dropout` is a float, not a module): it is put in
+    eval mode too, which changes nothing else of its output."""
+    dropping = (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)
+    dropouts = [m for m in module.modules() if isinstance(m, dropping)]
     was_training = module.training
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     module.train()
@@ -192,9 +196,12 @@ def mixing_refusal(model: nn.Module, x: torch.Tensor) -> str | None:
 
     handles = [m.register_forward_hook(record(name)) for name, m in module.named_modules() if name]
     try:
-        with torch.no_grad(), _probing(module):
+        seed = secrets.randbits(62)
+        with torch.no_grad(), _probing(module), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # any randomness left in a user's forward: the same draws for both batches
             first = module(x)
             before, seen[:] = list(seen), []
+            torch.manual_seed(seed)
             second = module(other)
     finally:
         for handle in handles:
