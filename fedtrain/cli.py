@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,7 +16,10 @@ from rich.live import Live
 from rich.markup import escape
 
 from fedtrain.errors import FedtrainError, find_fedtrain_error
-from fedtrain.run_report import earlier_rows, fmt, print_failures, print_summary, round_table
+from fedtrain.run_report import earlier_rows, fmt, print_audit, print_failures, print_summary, round_table
+
+if TYPE_CHECKING:
+    from fedtrain.config import Config
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +34,7 @@ EXIT_USER_ERROR = 2
 # "\\[" keeps rich's help formatter from reading [track] as markup
 TRACK_HELP = "Also log every round to mlflow or tensorboard (repeat for both; pip install 'fedtrain\\[track]')."
 MLFLOW_URI_HELP = "MLflow's store: a folder (default ./mlruns) or an MLflow tracking URI."
+EXIT_BROKEN_GUARANTEE = 3  # fedtrain audit: the lower bound on epsilon is above the accounted epsilon
 
 
 def _new_run_dir(run_dir: str | None) -> Path:
@@ -116,6 +122,21 @@ def simulate(
     resolved = resolve(config, overrides)
     client_policy = ClientPolicy.load(policy) if policy is not None else None
     rows: list[dict[str, Any]] = earlier_rows(resume) if resume is not None else []
+
+    def run(on_round: RoundCallback, announce: Callable[[str], None]) -> Path:
+        result = api.run(resolved, policy=client_policy, on_round=on_round, verbose=verbose,
+                         resume=resume is not None, announce=announce)  # fmt: skip
+        return result.run_dir
+
+    print_summary(console, _with_round_table(resolved, rows, run), rows)
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _with_round_table(resolved: Config, rows: list[dict[str, Any]],
+                      run: Callable[[RoundCallback, Callable[[str], None]], Path]) -> Path:  # fmt: skip
+    """Run a simulation with its live table of rounds; on failure, the rounds' failures before the error."""
     client_level = resolved.privacy.central_dp != "off"
     live = Live(round_table(rows, resolved.federation.rounds, client_level), console=console, refresh_per_second=4)
 
@@ -129,15 +150,75 @@ def simulate(
         live.update(round_table(rows, resolved.federation.rounds, client_level))
 
     try:
-        result = api.run(resolved, policy=client_policy, on_round=on_round, verbose=verbose,
-                         resume=resume is not None, announce=announce)  # fmt: skip
+        run_dir = run(on_round, announce)
     except FedtrainError:
         live.stop()
         print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
         raise
     live.stop()
     console.print()
-    print_summary(console, result.run_dir, rows)
+    return run_dir
+
+
+def audit(**options: Any) -> None:
+    """Audit a simulated run: canaries in one client's data bound epsilon from below, beside the accounted one.
+
+    Takes every option of `simulate` but --resume. Exits 3, with one sentence, when the lower bound is above
+    the accounted epsilon: the privacy guarantee is broken."""
+    from fedtrain.audit import audit as run_audit
+    from fedtrain.config import resolve
+    from fedtrain.privacy.policy import ClientPolicy
+
+    kind, m, confidence = options.pop("canary_kind"), options.pop("canaries"), options.pop("confidence")
+    positive_control, verbose = options.pop("positive_control"), options.pop("verbose")
+    config, policy = options.pop("config"), options.pop("policy")
+    resolved = resolve(config, options)
+    client_policy = ClientPolicy.load(policy) if policy is not None else None
+    if positive_control:
+        console.print("[bold yellow]POSITIVE CONTROL:[/] client-0 trains WITHOUT noise while its ledger records it; "
+                      "this run's model is not private, and the audit must catch it.")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    found: list[Any] = []
+
+    def run(on_round: RoundCallback, announce: Callable[[str], None]) -> Path:
+        found.append(run_audit(resolved, kind=kind, canaries=m, confidence=confidence,
+                               positive_control=positive_control, policy=client_policy, on_round=on_round,
+                               verbose=verbose, announce=announce))  # fmt: skip
+        return found[0].run_dir
+
+    print_summary(console, _with_round_table(resolved, rows, run), rows)
+    print_audit(console, found[0])
+    if found[0].broken:
+        errors.print(f"[bold red]error:[/] {found[0].verdict()}.", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BROKEN_GUARANTEE)
+
+
+def _audit_options(
+    canaries: Annotated[
+        int | None, typer.Option(help="Canaries in client-0's data (default 1000, at most the model's values).")
+    ] = None,
+    canary_kind: Annotated[
+        str, typer.Option(help="gradient (white-box: the updates client-0 sends) or input (black-box: the model).")
+    ] = "gradient",
+    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
+    positive_control: Annotated[
+        bool,
+        typer.Option("--positive-control", help="The audit's control: client-0 trains without noise (not private)."),
+    ] = False,
+) -> None:
+    """The options `audit` adds to `simulate`'s."""
+
+
+def _audit_signature() -> inspect.Signature:
+    """simulate's options (but --resume) and the audit's own: one list of options to keep, not two."""
+    shared = [p for name, p in inspect.signature(simulate, eval_str=True).parameters.items() if name != "resume"]
+    own = list(inspect.signature(_audit_options, eval_str=True).parameters.values())
+    return inspect.Signature([*shared, *own])
+
+
+audit.__signature__ = _audit_signature()  # type: ignore[attr-defined]
+audit.__annotations__ = {p.name: p.annotation for p in audit.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command(name="audit")(audit)
 
 
 @app.command()

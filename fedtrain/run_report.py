@@ -153,3 +153,21 @@ def _spending(ledger: list[dict[str, Any]]) -> str:
             f" and {words}" if len(tunings) < len(ledger) else ""
         )
     return words
+
+
+def print_audit(console: Console, found: Any) -> None:
+    """`fedtrain audit`'s lines: the bound, how it was found, and the accounted epsilon beside it.
+
+    `found` is an AuditResult (fedtrain/audit/run.py; not imported here, which would load torch)."""
+    console.print(
+        f"audit of {found.client}: {found.m} {found.kind} canaries, each included with probability 1/2; "
+        f"{found.best.guesses} guesses, {found.best.correct} correct",
+        highlight=False,
+    )
+    console.print(
+        f"  epsilon_lower {found.epsilon_lower:.3f} at {found.confidence:.0%} confidence (delta {found.delta:g}), "
+        f"beside the accounted epsilon {found.epsilon:.3f} ({found.accountant.upper()})",
+        highlight=False,
+    )
+    if not found.broken:
+        console.print(f"{found.verdict()}; a lower bound from one attack, not a guarantee.", highlight=False)

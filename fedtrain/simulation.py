@@ -27,7 +27,7 @@ from fedtrain.clients.encryption_mod import ClientKeys
 from fedtrain.components import Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_source
-from fedtrain.data.partition import simulation_shard, simulation_test_set
+from fedtrain.data.partition import simulation_client_split, simulation_shard, simulation_test_set
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.models import build_model
@@ -65,12 +65,32 @@ def prepare(config: Config, components: Components | None = None) -> tuple[Confi
     for pid, shard in enumerate(shards):
         if len(shard) < 2:
             raise FedtrainError(f"client {pid} would get {len(shard)} samples; use fewer clients or more data.")
-    resolve_device(config.training.device)
+    device = resolve_device(config.training.device)
     model = build_model(model_for(config, components), source.input_shape, outputs_for(config, task),
                         hidden=config.training.hidden)  # fmt: skip
     _check_task(model, shards[0], task)
+    _preflight(config, model, simulation_client_split(config, 0, source, task.target_kind)[0], task, device)
     make_strategy(config)  # its name and parameters
     return config, simulation_test_set(config, source)
+
+
+def _preflight(config: Config, model: torch.nn.Module, train: Dataset, task: Task, device: torch.device) -> None:
+    """The DP preflight every client runs before its first step (privacy/preflight.py), once here on the
+    first client's split: a model, loss or loader that would break the guarantee stops the run before Ray
+    starts. The noise a target epsilon calibrates is each client's to check; 1.0 stands in for it here."""
+    from fedtrain.clients.trainer import TrainSettings, planned_round, private_training
+    from fedtrain.privacy import preflight
+    from fedtrain.privacy.ledger import PrivacyLedger
+
+    training = config.training
+    settings = TrainSettings(training.batch_size, training.local_epochs, training.lr, training.momentum,
+                             config.privacy.max_grad_norm)  # fmt: skip
+    noise = config.privacy.noise_multiplier or 1.0
+    setup = private_training(model, train, settings, noise, PrivacyLedger(delta=1e-5), device, task).setup
+    reason = preflight.refusal(setup, planned_round(len(train), settings, noise), len(train), training.batch_size,
+                               preflight.probe_batch(train, device))  # fmt: skip
+    if reason is not None:
+        raise preflight.PreflightRefusal(f"the DP preflight refuses this run: {reason}.")
 
 
 def _described_outputs(config: Config, source: Dataset, task: Task) -> dict[str, Any]:

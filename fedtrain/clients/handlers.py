@@ -33,10 +33,10 @@ from fedtrain import protocol
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.clients.update_compression import compress_update
-from fedtrain.components import Components, model_for, outputs_for, task_for
+from fedtrain.components import ClientProbe, Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset, load_shard
-from fedtrain.data.partition import holdout_split, simulation_shard
+from fedtrain.data.partition import holdout_split, simulation_client_split, simulation_shard
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.evaluation import example_values
@@ -47,6 +47,7 @@ from fedtrain.privacy.fingerprint import ShardIdentity, identify
 from fedtrain.privacy.ledger import LedgerEntry
 from fedtrain.privacy.lifetime import LedgerStore, RunView
 from fedtrain.privacy.policy import ClientPolicy
+from fedtrain.privacy.preflight import PreflightRefusal
 from fedtrain.privacy.releases import Release, exact_means, private_means
 from fedtrain.privacy.tuning import TrialCount
 from fedtrain.tasks import Classification, Task
@@ -111,13 +112,12 @@ def _splits(
     key: tuple, target_kind: str, data_path: str | None, partition_id: int | None, source: Dataset | None
 ) -> tuple[Dataset, Dataset, ShardIdentity]:
     config = Config.from_run_config(dict(key))
-    if data_path is not None:
-        shard, seed = load_shard(data_path, config, target_kind=target_kind), config.federation.seed
-    else:
+    if data_path is None:
         assert partition_id is not None  # a simulated node
-        shard = simulation_shard(config, partition_id, source, target_kind)
-        seed = config.federation.seed * 1_000_003 + partition_id
-    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
+        train, held_out = simulation_client_split(config, partition_id, source, target_kind)
+        return train, held_out, identify(simulation_shard(config, partition_id, source, target_kind))
+    shard = load_shard(data_path, config, target_kind=target_kind)
+    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, config.federation.seed)
     return shard.subset(train_idx), shard.subset(held_idx), identify(shard)
 
 
@@ -203,6 +203,7 @@ class Session:
     task: Task
     outputs: int  # per sample: classes, labels or regression targets
     components: Components | None
+    probe: ClientProbe | None = None  # `fedtrain audit`'s canary client only (components.py)
 
     @property
     def mode(self) -> str:
@@ -325,6 +326,9 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
         outputs = outputs_for(config, task)
     with failing_as("data error"):
         train, held_out, shard = client_data(config, context, task, setup.components)
+    probe = setup.components.probe.client(name) if setup.components and setup.components.probe else None
+    if probe is not None:
+        train = probe.train_split(train)
     with failing_as("ledger error"):
         store = setup.store_for(context, config)
         run = str(protocol.sent_config(msg).get(protocol.RUN_ID, context.run_id))
@@ -344,7 +348,7 @@ def open_session(msg: Message, context: Context, config: Config, setup: ClientSe
         log.warning("%s refuses this run: %s", name, reason)
         return protocol.refusal_reply(msg, f"{name} refuses this run: {reason}", protocol.POLICY, None, name)
     return Session(name, config, policy, train, held_out, shard, store, view, plan, largest_delta, task, outputs,
-                   setup.components)  # fmt: skip
+                   setup.components, probe)  # fmt: skip
 
 
 def _tuning_refusal(config: Config, context: Context) -> str | None:
@@ -403,7 +407,13 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = _device(config, context)
     run_ledger = session.view.run_ledger(plan.delta, plan.accountant)
-    result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device, session.task)
+    try:
+        result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device, session.task,
+                             planned=step, probe=session.probe)  # fmt: skip
+    except PreflightRefusal as refusal:  # before the first step: nothing was spent
+        log.warning("%s refuses this run: %s", session.name, refusal)
+        reason = f"{session.name} refuses this run: {refusal}"
+        return protocol.refusal_reply(msg, reason, protocol.POLICY, session.report(), session.name)
     entries = [result.entry] if step is not None else []  # a trial's steps are covered by its tuning's entry
     metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
     if session.mode == "plain" or loss_release:
@@ -413,8 +423,12 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
         metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released.std[0])
         entries += [released.entry] if released.entry is not None else []
     view = session.record(entries) if entries else session.view
-    update = {k: v.numpy() for k, v in trainable_update(model, start).items()}
-    arrays, compression = compress_update(update, config, context, session.view.run)  # post-processing of d
+    update = trainable_update(model, start)
+    if session.probe is not None:
+        session.probe.sent(start, update, result.entry)
+    arrays, compression = compress_update(  # post-processing of d
+        {k: v.numpy() for k, v in update.items()}, config, context, session.view.run
+    )
     return protocol.update_reply(msg, arrays, metrics, session.report(view), compression)
 
 

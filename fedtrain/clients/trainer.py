@@ -24,8 +24,11 @@ from fedtrain.clients.grad_sample_mode import (
     memory_cap_bytes,
     set_empty_grad_samples,
 )
+from fedtrain.components import ClientProbe
 from fedtrain.data import Dataset, Transformed
+from fedtrain.privacy import preflight
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedtrain.privacy.preflight import PrivateSetup
 from fedtrain.tasks import Classification, Task
 
 log = logging.getLogger("fedtrain")
@@ -114,32 +117,34 @@ def private_step(
     return loss
 
 
-def train_round(
+@dataclass
+class PrivateTraining:
+    """One round's DP-SGD, as Opacus made it: engine (its accountant), private model, optimizer, loader."""
+
+    engine: PrivacyEngine
+    setup: PrivateSetup
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # what the steps call (ghost: Opacus's wrapper)
+    ghost: bool = False
+
+
+def private_training(
     model: nn.Module,
     data: Dataset,
     settings: TrainSettings,
     noise_multiplier: float,
     ledger: PrivacyLedger,
     device: torch.device,
-    task: Task | None = None,
-) -> RoundResult:
-    """Train `model` in place for one round of DP-SGD and return what it spent.
+    task: Task,
+) -> PrivateTraining:
+    """Opacus's private model, optimizer and Poisson loader for one round over `data`.
 
     Only parameters with `requires_grad` are trained (a frozen backbone stays as it is), and the
     data is read a Poisson batch at a time (with the task's train transform, if any). The
     PrivacyEngine's accountant starts from the ledger's history, so Opacus itself accounts
-    cumulatively; the steps it adds are this round's entry.
+    cumulatively.
     """
-    task = task or Classification()
-    # torch's default generator starts from a fixed seed in every process: seed the Poisson
-    # sampler and the noise from the OS's CSPRNG so neither can be predicted.
-    torch.manual_seed(secrets.randbits(63))
-    noise_generator = torch.Generator(device=device)
-    noise_generator.manual_seed(secrets.randbits(63))
-
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in trainable]  # w_t, for FedProx's proximal term
     dataset = Transformed(data, task.train_transform) if task.train_transform is not None else data
     # a map-style dataset (len, items) is all DataLoader and Opacus's Poisson sampler need
     loader: DataLoader = DataLoader(
@@ -149,12 +154,16 @@ def train_round(
     with _quiet_opacus():
         engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = ledger.history()
-    steps_before = sum(step for *_, step in engine.accountant.history)
     mode = choose_grad_sample_mode(
         model, data.input_shape, device, requested=settings.grad_sample_mode, batch=settings.physical_batch,
         memory_cap_bytes=memory_cap_bytes(settings.grad_sample_memory_mib), precision=settings.precision,
     )  # fmt: skip
     log.debug("per-sample gradients with Opacus grad_sample_mode=%s on %s", mode, device)
+    # torch's default generator starts from a fixed seed in every process: seed the Poisson
+    # sampler and the noise from the OS's CSPRNG so neither can be predicted.
+    torch.manual_seed(secrets.randbits(63))
+    noise_generator = torch.Generator(device=device)
+    noise_generator.manual_seed(secrets.randbits(63))
     task_loss = TaskLoss(task)
     made = engine.make_private(
         module=model,
@@ -171,8 +180,47 @@ def train_round(
     private_model, private_optimizer, criterion, private_loader = (
         made if mode == GHOST else (*made[:2], task_loss, made[2])
     )
+    # the preflight checks the plain mean loss; the steps use `criterion` (ghost clipping's wrapper of it)
+    setup = PrivateSetup(private_model, private_optimizer, private_loader, task_loss)
+    return PrivateTraining(engine, setup, criterion, ghost=mode == GHOST)
+
+
+def train_round(
+    model: nn.Module,
+    data: Dataset,
+    settings: TrainSettings,
+    noise_multiplier: float,
+    ledger: PrivacyLedger,
+    device: torch.device,
+    task: Task | None = None,
+    planned: LedgerEntry | None = None,
+    probe: ClientProbe | None = None,
+) -> RoundResult:
+    """Train `model` in place for one round of DP-SGD and return what it spent.
+
+    The DP preflight (privacy/preflight.py) checks the private setup against `planned` (by default
+    what `planned_round` computes) before the first step. `probe` is an audit's instrumentation of a
+    simulated client (fedtrain/audit), told of the setup after the preflight; never set otherwise.
+
+    Raises:
+        PreflightRefusal: the setup would break the guarantee the ledger records (one sentence).
+    """
+    task = task or Classification()
+    planned = planned or planned_round(len(data), settings, noise_multiplier)
+    training = private_training(model, data, settings, noise_multiplier, ledger, device, task)
+    setup = training.setup
+    # Ghost clipping keeps no per-sample gradients to compare: choose_grad_sample_mode took it only after
+    # its clipped sum matched hooks' on a probe, so only the sampling, noise and mixing checks apply.
+    preflight.check(setup, planned, len(data), settings.batch_size, preflight.probe_batch(data, device),
+                    gradients=not training.ghost)  # fmt: skip
+    if probe is not None:
+        probe.trainer_ready(setup.model, setup.optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trainable]  # w_t, for FedProx's proximal term
+    steps_before = sum(step for *_, step in training.engine.accountant.history)
+    private_model, private_optimizer, criterion = setup.model, setup.optimizer, training.criterion
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    with _batches(private_loader, private_optimizer, settings.max_physical_batch_size) as batches:
+    with _batches(setup.loader, private_optimizer, settings.max_physical_batch_size) as batches:
         for _ in range(settings.local_epochs):
             for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -186,8 +234,9 @@ def train_round(
                 if loss is not None:
                     loss_sum += loss.detach() * len(y)
                     loss_count += len(y)
-    steps_after = sum(step for *_, step in engine.accountant.history)
-    entry = LedgerEntry(noise_multiplier, private_loader.sample_rate, steps_after - steps_before)
+    steps_after = sum(step for *_, step in training.engine.accountant.history)
+    rate = setup.loader.batch_sampler.sample_rate  # type: ignore[union-attr]  # Opacus's Poisson sampler
+    entry = LedgerEntry(noise_multiplier, rate, steps_after - steps_before)
     return RoundResult(len(data), float(loss_sum) / max(1, loss_count), entry)
 
 

@@ -126,6 +126,16 @@ def simulation_shard(
     return train.subset(parts[partition_id])
 
 
+def simulation_client_split(
+    config: Config, partition_id: int, source: Dataset | None = None, target_kind: str = "classes"
+) -> tuple[Dataset, Dataset]:
+    """(training split, held-out split) of simulated client `partition_id`'s shard, as that client makes them."""
+    shard = simulation_shard(config, partition_id, source, target_kind)
+    seed = config.federation.seed * 1_000_003 + partition_id  # each client its own held-out draw
+    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
+    return shard.subset(train_idx), shard.subset(held_idx)
+
+
 def simulation_test_set(config: Config, source: Dataset | None = None, target_kind: str = "classes") -> Dataset:
     """The global test split the server evaluates on in simulation (never given to a client)."""
     return simulation_split(config, source, target_kind)[1]

@@ -66,11 +66,15 @@ PLAIN_METRICS_WARNING = (
 )
 
 
-def privacy_report(clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None) -> dict[str, Any]:
+def privacy_report(
+    clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None, marks: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What privacy.json holds: per client its accountant, delta, full ledger (every DP-SGD round and
-    every metric release), its run epsilon and, where it shares it, its lifetime epsilon."""
+    every metric release), its run epsilon and, where it shares it, its lifetime epsilon; first, what
+    the run is when it is not an ordinary one (`marks`: an audit's canaries, a positive control)."""
     plain = sorted(cid for cid, info in clients.items() if info.metrics == "plain")
     report: dict[str, Any] = {
+        **(marks or {}),
         "note": "epsilon is cumulative over every ledger entry of this run: DP-SGD rounds (kind train) and "
         "metric releases (kind metrics, the Gaussian mechanism: sample_rate 1, one step); recompute it with "
         "any accountant from noise_multiplier, sample_rate and steps. A private tuning (kind tuning) is the "
@@ -102,9 +106,22 @@ def write_privacy_report(
     clients: dict[str, ClientPrivacy],
     client_level: dict[str, Any] | None = None,
     integrity: RunIntegrity | None = None,
+    marks: dict[str, Any] | None = None,
 ) -> None:
     """privacy.json (see `privacy_report`), atomically, and its digest in the run's integrity record."""
-    report = privacy_report(clients, client_level)
+    report = privacy_report(clients, client_level, marks)
+    _write(run_dir, {PRIVACY_JSON: (json.dumps(_json_safe(report), indent=2) + "\n").encode()}, integrity)
+
+
+def add_privacy_section(run_dir: Path, name: str, section: dict[str, Any], integrity: RunIntegrity) -> None:
+    """privacy.json with one more top-level section (`fedtrain audit`'s), through the integrity record.
+
+    Raises:
+        FedtrainError: the run's reports are not as fedtrain wrote them (an edit is never carried on).
+    """
+    integrity.require_intact(PROTECTED)
+    report = json.loads((Path(run_dir) / PRIVACY_JSON).read_text(encoding="utf-8"))
+    report[name] = section
     _write(run_dir, {PRIVACY_JSON: (json.dumps(_json_safe(report), indent=2) + "\n").encode()}, integrity)
 
 

@@ -98,6 +98,10 @@ class Federation:
         self.resume = resume
         self.run_id = checkpoint.resumable_run_id(self.run_dir, self.model_key) if resume else uuid.uuid4().hex
         self.integrity = RunIntegrity(self.run_dir, self.model_key.key, self.run_id)  # metrics, privacy report, plot
+        # what the run is when it is not an ordinary one (fedtrain audit's canaries, a positive control):
+        # in run.json and every privacy.json from the first round, so no file of it passes for an ordinary run
+        probe = components.probe if components is not None else None
+        self.marks: dict[str, Any] = probe.report_marks() if probe is not None else {}
         self.model = build_model(
             model_for(config, components),
             config.data.input_shape,
@@ -135,6 +139,7 @@ class Federation:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": _versions(),  # what trained and accounted this run (the report shows it)
             CENTRAL_SPLIT: self.test_set is not None,  # `fedtrain export --quantize` evaluates on it
+            **self.marks,
         }
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
