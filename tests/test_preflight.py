@@ -131,7 +131,7 @@ def test_a_sample_rate_that_does_not_match_the_split_is_refused() -> None:
     private_model, private_optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=dropping, noise_multiplier=1.0, max_grad_norm=1.0
     )
-    setup = PrivateSetup(private_model, private_optimizer, loader, trainer._mean_loss(Classification()))
+    setup = PrivateSetup(private_model, private_optimizer, loader, trainer.TaskLoss(Classification()))
     reason = _refusal(setup, data)
     assert reason is not None and "probability 0.25" in reason and "records 0.2" in reason
     # and a ledger entry that does not match a correct loader
