@@ -65,6 +65,8 @@ class Screened:
     privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
     refused_by_policy: set[str] = field(default_factory=set)  # refusals of the run itself, not of a spent budget
     train_loss: ReleasedMean = field(default_factory=lambda: ReleasedMean())
+    # train replies that evaluated the global model first: what each client released, as evaluate metrics
+    evaluations: dict[str, protocol.Metrics] = field(default_factory=dict)
 
 
 def _name(client: str, node: int, known: dict[int, str]) -> str:
@@ -122,6 +124,9 @@ def read(msg: Message, node: int, known: dict[int, str], out: Screened) -> proto
     name = _name(reply.client, node, known)
     if reply.privacy is not None:
         out.privacy[name] = ClientPrivacy.of(reply.privacy)
+    evaluation = protocol.evaluation_of(reply)
+    if evaluation is not None:  # it left the client (and is on its ledger) whatever became of the training
+        out.evaluations[name] = evaluation
     if reply.kind == "error":
         out.failed[name] = f"client error ({reply.reason})"
         return None
@@ -159,6 +164,8 @@ def screen_reply(
     if problem:
         out.failed[name] = f"rejected update: {problem}"
         return None
+    for key in [k for k in metrics if k == protocol.HELD_OUT_EXAMPLES or k.startswith(protocol.EVAL)]:
+        del metrics[key]  # the evaluation was read above: the strategy aggregates training metrics only
     metrics[protocol.UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
     out.train_loss.add(metrics, protocol.TRAIN_LOSS)
     return update
