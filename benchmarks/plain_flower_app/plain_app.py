@@ -100,9 +100,7 @@ def main(grid: Grid, context: Context) -> None:
 
         grid.send_and_receive = send_and_receive
     started = time.monotonic()
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds, timeout=300
-    )
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds, timeout=300)
     seconds = time.monotonic() - started
     torch.save(result.arrays.to_torch_state_dict(), context.run_config["model-file"])
     with open(context.run_config["timing-file"], "w") as f:
