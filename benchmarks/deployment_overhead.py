@@ -184,10 +184,12 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"plain": [], "fedtrain": []}
     with tempfile.TemporaryDirectory(prefix="fedtrain-bench-") as tmp:
         work = Path(tmp)
-        kits = work / "kits"
-        provision(kits, ["127.0.0.1"], CLIENTS)
         shards = _shards(work)
         for repeat in range(args.repeats):
+            # fresh kits each repeat: a kit anchors its client's lifetime ledger, which each run keeps under
+            # its own FEDTRAIN_HOME (a client would refuse a kit whose anchor counts a ledger it lost)
+            kits = work / f"kits-{repeat}"
+            provision(kits, ["127.0.0.1"], CLIENTS)
             order = ("plain", "fedtrain") if repeat % 2 == 0 else ("fedtrain", "plain")  # alternating
             for name in order:
                 folder = work / f"{name}-{repeat}"
