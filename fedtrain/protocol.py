@@ -2,8 +2,9 @@
 message fedtrain's apps exchange (besides Flower's own: SecAgg+ stages, its legacy records).
 
 Server -> client (train and evaluate): "arrays" (global weights) and "config" (fedtrain's run id,
-FedProx's mu). Client -> server, one of:
-- an update: "arrays" (d = w_local - w_global), "metrics" (count, released metrics), "privacy";
+FedProx's mu; in a train message, whether to evaluate the global model first). Client -> server, one of:
+- an update: "arrays" (d = w_local - w_global), "metrics" (count, released metrics; with the held-out
+  count and released evaluation metrics when it evaluated first), "privacy";
 - evaluation metrics: "metrics" (count, released metrics), "privacy";
 - a refusal: "privacy" with the reason (policy or budget) in words built from public numbers only;
 - an error: "status" holding a category, never the exception's text (it stays in the client's log).
@@ -29,9 +30,13 @@ COMPRESSION = "compression"  # client -> server, beside a compressed update: its
 
 # server -> client, in CONFIG
 RUN_ID, PROXIMAL_MU = "fedtrain-run", "proximal-mu"
+# in a train message: first evaluate the global model it carries on the held-out split (one release, as an
+# evaluate message would cost), then train; one reply carries both (server/federated_evaluation.py)
+EVALUATE_FIRST = "fedtrain-evaluate-first"
 
 # client -> server, in METRICS
 NUM_EXAMPLES = "num-examples"
+HELD_OUT_EXAMPLES = "held-out-examples"  # a train reply that evaluated first: the held-out count (public)
 TRAIN_LOSS = "train-loss"
 EVAL = "eval-"  # prefix: eval-<value>, the released mean of one of the task's per-example values
 EVAL_LOSS, EVAL_ACCURACY = "eval-loss", "eval-accuracy"  # classification's two values
@@ -66,6 +71,7 @@ ERROR_CATEGORIES = (
 REPLY_FIELDS: dict[tuple[str, str], str] = {
     (ARRAYS, "*"): "dp-sgd",
     (METRICS, NUM_EXAMPLES): "public",
+    (METRICS, HELD_OUT_EXAMPLES): "public",
     (METRICS, TRAIN_LOSS): "gaussian",
     (METRICS, TRAIN_LOSS + STD): "public",
     (METRICS, EVAL + "*" + STD): "public",
@@ -220,11 +226,17 @@ def metrics_reply(msg: Message, metrics: Metrics, report: PrivacyReport | None) 
     return Message(content, reply_to=msg)
 
 
-def refusal_reply(msg: Message, reason: str, kind: str, report: PrivacyReport | None, client: str) -> Message:
-    """The client refuses this message: its reason (public numbers and its own policy only)."""
+def refusal_reply(
+    msg: Message, reason: str, kind: str, report: PrivacyReport | None, client: str, metrics: Metrics | None = None
+) -> Message:
+    """The client refuses this message: its reason (public numbers and its own policy only); `metrics`:
+    what it released before refusing (a train message's evaluation, when only the training is refused)."""
     record = privacy_record(report) if report is not None else ConfigRecord({CLIENT_ID: client})
     record[REFUSED], record[REFUSAL_KIND] = reason, kind
-    return Message(RecordDict({PRIVACY: record}), reply_to=msg)
+    content = RecordDict({PRIVACY: record})
+    if metrics:
+        content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
 
 
 def error_reply(msg: Message, category: str, client: str) -> Message:
@@ -253,6 +265,8 @@ def read_reply(msg: Message) -> Reply:
         status = content.config_records[STATUS]
         return Reply("error", str(status.get(CLIENT_ID, "")), reason=str(status.get(ERROR, "internal error")))
     privacy = content.config_records.get(PRIVACY)
+    metrics = content.metric_records.get(METRICS)
+    values = dict(metrics) if metrics is not None else {}
     if privacy is not None and REFUSED in privacy:
         report = read_privacy(privacy) if DELTA in privacy else None
         return Reply(
@@ -261,12 +275,20 @@ def read_reply(msg: Message) -> Reply:
             report,
             str(privacy[REFUSED]),
             str(privacy.get(REFUSAL_KIND, BUDGET)),
+            metrics=values,
         )
     report = read_privacy(privacy) if privacy is not None else None
-    metrics = content.metric_records.get(METRICS)
-    values = dict(metrics) if metrics is not None else {}
     kind = "update" if content.array_records else "metrics"
     return Reply(kind, report.client if report else "", report, metrics=values)
+
+
+def evaluation_of(reply: Reply) -> Metrics | None:
+    """What a train reply that evaluated first released, as an evaluate reply's metrics (the held-out
+    count as its count, and the released eval-* values); None when it carries no evaluation."""
+    metrics = reply.metrics
+    if HELD_OUT_EXAMPLES not in metrics:
+        return None
+    return {NUM_EXAMPLES: metrics[HELD_OUT_EXAMPLES], **{k: v for k, v in metrics.items() if k.startswith(EVAL)}}
 
 
 def global_arrays(msg: Message) -> ArrayRecord:

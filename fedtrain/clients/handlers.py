@@ -21,9 +21,12 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +37,9 @@ from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.clients.update_compression import compress_update
 from fedtrain.components import ClientProbe, Components, model_for, outputs_for, task_for
-from fedtrain.config import Config
+from fedtrain.config import FLAT, Config
 from fedtrain.data import Dataset, load_shard
-from fedtrain.data.partition import holdout_split, simulation_client_split, simulation_shard
+from fedtrain.data.partition import held_out_seed, holdout_split, simulation_shard
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
 from fedtrain.evaluation import example_values
@@ -107,18 +110,49 @@ def guarded(handler: Callable[..., Message]) -> Callable[..., Message]:
 # ---------------------------------------------------------------- the client's data
 
 
+# Fields of the data section that say how a shard is split or how a simulation cuts a dataset: a shard
+# file reads the same whatever they are (flat keys; `data` is the simulation's source).
+_SPLITTING = frozenset({"data", "eval_fraction", "test_fraction", "partition", "alpha"})
+_READING = tuple(key for key, (section, _) in FLAT.items() if section == "data" and key not in _SPLITTING)
+
+
+_READS: list[tuple[int, list[str]]] = []  # (process, the arguments of read_shard_again) of every read
+
+
 @functools.lru_cache(maxsize=4)
-def _splits(
-    key: tuple, target_kind: str, data_path: str | None, partition_id: int | None, source: Dataset | None
-) -> tuple[Dataset, Dataset, ShardIdentity]:
+def _read_shard(path: str, stamp: tuple[int, int], reading: str, target_kind: str) -> tuple[Dataset, ShardIdentity]:
+    shard = load_shard(path, Config(**json.loads(reading)), target_kind=target_kind)
+    _READS.append((os.getpid(), [path, reading, target_kind]))
+    return shard, identify(shard)
+
+
+def shard_reads() -> list[list[str]]:
+    """The shards this process read itself (none when it found them in a warm worker's cache)."""
+    return [args for pid, args in _READS if pid == os.getpid()]
+
+
+def read_shard_again(path: str, reading: str, target_kind: str) -> None:
+    """Read a shard as a task of this process's children did (`shard_reads`), for the tasks after it."""
+    stat = Path(path).expanduser().stat()
+    _read_shard(path, (stat.st_mtime_ns, stat.st_size), reading, target_kind)
+
+
+def read_shard(path: str, config: Config, target_kind: str) -> tuple[Dataset, ShardIdentity]:
+    """A real node's shard, as `config` reads it, and its identity (every record's digest: a pass over
+    the whole shard). Cached per file version and reading settings: a warm worker reads it once
+    before its first task (clients/pinned_app.py), and every task forked from it has it."""
+    stat = Path(path).expanduser().stat()
+    reading = json.dumps({key: config.value(key) for key in _READING}, sort_keys=True)
+    return _read_shard(path, (stat.st_mtime_ns, stat.st_size), reading, target_kind)
+
+
+@functools.lru_cache(maxsize=4)
+def _simulated_shard(
+    key: tuple, target_kind: str, partition_id: int, source: Dataset | None
+) -> tuple[Dataset, ShardIdentity]:
     config = Config.from_run_config(dict(key))
-    if data_path is None:
-        assert partition_id is not None  # a simulated node
-        train, held_out = simulation_client_split(config, partition_id, source, target_kind)
-        return train, held_out, identify(simulation_shard(config, partition_id, source, target_kind))
-    shard = load_shard(data_path, config, target_kind=target_kind)
-    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, config.federation.seed)
-    return shard.subset(train_idx), shard.subset(held_idx), identify(shard)
+    shard = simulation_shard(config, partition_id, source, target_kind)
+    return shard, identify(shard)
 
 
 def client_data(
@@ -126,13 +160,19 @@ def client_data(
 ) -> tuple[Dataset, Dataset, ShardIdentity]:
     """(train, held-out) splits of this client's private shard, and the whole shard's identity."""
     node_config = context.node_config
-    key = tuple(sorted(config.to_run_config().items()))
-    source = components.dataset if components is not None else None
     if "data-path" in node_config:
-        return _splits(key, task.target_kind, str(node_config["data-path"]), None, None)
-    if "partition-id" in node_config:
-        return _splits(key, task.target_kind, None, int(node_config["partition-id"]), source)
-    raise FedtrainError("this node has no data: start it with --data PATH (node config data-path).")
+        shard, identity = read_shard(str(node_config["data-path"]), config, task.target_kind)
+        seed = held_out_seed(config)
+    elif "partition-id" in node_config:
+        partition = int(node_config["partition-id"])
+        key = tuple(sorted(config.to_run_config().items()))
+        source = components.dataset if components is not None else None
+        shard, identity = _simulated_shard(key, task.target_kind, partition, source)
+        seed = held_out_seed(config, partition)
+    else:
+        raise FedtrainError("this node has no data: start it with --data PATH (node config data-path).")
+    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
+    return shard.subset(train_idx), shard.subset(held_idx), identity
 
 
 def _device(config: Config, context: Context) -> torch.device:
@@ -377,51 +417,102 @@ def _charge_tuning(session: Session) -> str | None:
 # ---------------------------------------------------------------- the two handlers
 
 
+def _evaluates(session: Session) -> bool:
+    """Whether this client releases held-out metrics at all (it holds some data out, and the run's
+    metrics are not "none"); otherwise an evaluation releases only the public count."""
+    return len(session.held_out) > 0 and session.mode != "none"
+
+
+def _evaluate(session: Session, model: torch.nn.Module, device: torch.device) -> tuple[protocol.Metrics, list]:
+    """The task's values of `model` on the held-out split, released (the Gaussian mechanism, or exact
+    under "plain"): the metrics, and the ledger entries the release costs."""
+    with failing_as("policy error"):  # e.g. a regression run without the targets' public range
+        bounds = session.task.bounds(session.outputs)
+    values = example_values(model.to(device), session.held_out, device, session.task)
+    released = session.release(values, bounds)
+    metrics: protocol.Metrics = {}
+    for name, mean, std in zip(session.task.values, released.means, released.std, strict=True):
+        metrics[protocol.eval_key(name)] = float(mean)
+        metrics[protocol.eval_key(name) + protocol.STD] = float(std)
+    return metrics, [released.entry] if released.entry is not None else []
+
+
 @guarded
 def handle_train(msg: Message, context: Context, config: Config, setup: ClientSetup | None = None) -> Message:
+    """Train on the global model the message carries; when it asks (protocol.EVALUATE_FIRST), evaluate
+    that model on the held-out split first, exactly as an evaluate message before it would: the same
+    release, checked against the same budget first, on the ledger in the same order."""
     torch.set_num_threads(1)  # simulated clients share the cores; one thread each is fastest
     session = open_session(msg, context, config, setup or _IN_MEMORY)
     if isinstance(session, Message):
         return session
     plan = session.plan
-    step: LedgerEntry | None = None
-    loss_release: list[LedgerEntry] = []
-    if plan.trials is not None:
+    sent = protocol.sent_config(msg)
+    tuning = plan.trials is not None  # a tuning's trial: its charge covers the trial (_charge_tuning)
+    step = None if tuning else LedgerEntry(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    evaluating = protocol.EVALUATE_FIRST in sent and _evaluates(session)
+    eval_release = session.release_entry() if evaluating else []
+
+    def loss_release() -> list[LedgerEntry]:
+        # the train loss is released while the plan has releases left (a server asking for more evaluations
+        # than it declared uses them up): training itself goes on
+        left = session.releases_left() - len(eval_release)
+        return session.release_entry() if session.mode != "none" and left > 0 and not tuning else []
+
+    # Both at once in the usual case: one projection instead of two (epsilon is a round's costliest sum).
+    # If both do not fit, each in turn, as the evaluation, then the training, would have been checked.
+    if step is None:
         reason = _charge_tuning(session)
+        evaluating, eval_release = False, []  # a trial releases nothing computed on private data
     else:
-        step = LedgerEntry(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        # the train loss is released while the plan has releases left (a server asking for more
-        # evaluations than it declared uses them up): training itself goes on
-        loss_release = session.release_entry() if session.mode != "none" and session.releases_left() > 0 else []
-        reason = session.over_budget([step, *loss_release])
-    if reason is not None:
+        reason = session.over_budget([*eval_release, step, *loss_release()])
+    if reason is not None and evaluating and step is not None:
+        eval_reason = session.over_budget(eval_release)
+        if eval_reason is not None:
+            log.warning("%s (its evaluation of the global model)", eval_reason)
+            evaluating, eval_release = False, []
+            reason = session.over_budget([step, *loss_release()])
+    if reason is not None and not evaluating:
         log.warning(reason)
         return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(), session.name)
 
-    settings = _settings(config, context)
-    sent = protocol.sent_config(msg)
-    if protocol.PROXIMAL_MU in sent:  # FedProx
-        settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))
     with failing_as("model mismatch"):
         model = _model_for(session, protocol.global_arrays(msg))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = _device(config, context)
-    run_ledger = session.view.run_ledger(plan.delta, plan.accountant)
+    metrics: protocol.Metrics = {}
+    entries: list[LedgerEntry] = []
+    if evaluating:
+        released, entries = _evaluate(session, model, device)
+        metrics.update({protocol.HELD_OUT_EXAMPLES: len(session.held_out), **released})
+    if reason is not None:  # the evaluation fits the budget, the training does not
+        log.warning(reason)
+        view = session.record(entries) if entries else session.view
+        return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(view), session.name, metrics)
+
+    settings = _settings(config, context)
+    if protocol.PROXIMAL_MU in sent:  # FedProx
+        settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))
+    run_ledger = session.view.run_ledger(plan.delta, plan.accountant)  # a copy
+    run_ledger.entries += entries  # the evaluation just released, as if an evaluate message had recorded it
     try:
         result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device, session.task,
                              planned=step, probe=session.probe)  # fmt: skip
-    except PreflightRefusal as refusal:  # before the first step: nothing was spent
+    except PreflightRefusal as refusal:  # before the first step: no training was spent
         log.warning("%s refuses this run: %s", session.name, refusal)
         reason = f"{session.name} refuses this run: {refusal}"
-        return protocol.refusal_reply(msg, reason, protocol.POLICY, session.report(), session.name)
-    entries = [result.entry] if step is not None else []  # a trial's steps are covered by its tuning's entry
-    metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: len(session.train)}  # public: the sample rate is N's
-    if session.mode == "plain" or loss_release:
+        view = session.record(entries) if entries else session.view  # the evaluation released above
+        return protocol.refusal_reply(msg, reason, protocol.POLICY, session.report(view), session.name, metrics)
+    if step is not None:  # a trial's steps are covered by its tuning's entry
+        entries.append(result.entry)
+    metrics[protocol.NUM_EXAMPLES] = len(session.train)  # public: the sample rate is N's
+    losses_released = loss_release()
+    if session.mode == "plain" or losses_released:
         losses = example_values(model, session.train, device, session.task)[:, :1]  # the task's loss
-        released = session.release(losses, session.task.bounds(session.outputs)[:1])
-        metrics[protocol.TRAIN_LOSS] = float(released.means[0])
-        metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released.std[0])
-        entries += [released.entry] if released.entry is not None else []
+        released_loss = session.release(losses, session.task.bounds(session.outputs)[:1])
+        metrics[protocol.TRAIN_LOSS] = float(released_loss.means[0])
+        metrics[protocol.TRAIN_LOSS + protocol.STD] = float(released_loss.std[0])
+        entries += [released_loss.entry] if released_loss.entry is not None else []
     view = session.record(entries) if entries else session.view
     update = trainable_update(model, start)
     if session.probe is not None:
@@ -439,7 +530,7 @@ def handle_evaluate(msg: Message, context: Context, config: Config, setup: Clien
     if isinstance(session, Message):
         return session
     count = len(session.held_out)
-    if count == 0 or session.mode == "none":
+    if not _evaluates(session):
         return protocol.metrics_reply(msg, {protocol.NUM_EXAMPLES: count}, session.report())
     reason = session.over_budget(session.release_entry())
     if reason is not None:
@@ -447,14 +538,6 @@ def handle_evaluate(msg: Message, context: Context, config: Config, setup: Clien
         return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(), session.name)
     with failing_as("model mismatch"):
         model = _model_for(session, protocol.global_arrays(msg))
-    device = _device(config, context)
-    with failing_as("policy error"):  # e.g. a regression run without the targets' public range
-        bounds = session.task.bounds(session.outputs)
-    values = example_values(model.to(device), session.held_out, device, session.task)
-    released = session.release(values, bounds)
-    view = session.record([released.entry]) if released.entry is not None else session.view
-    metrics: protocol.Metrics = {protocol.NUM_EXAMPLES: count}
-    for name, mean, std in zip(session.task.values, released.means, released.std, strict=True):
-        metrics[protocol.eval_key(name)] = float(mean)
-        metrics[protocol.eval_key(name) + protocol.STD] = float(std)
-    return protocol.metrics_reply(msg, metrics, session.report(view))
+    released, entries = _evaluate(session, model, _device(config, context))
+    view = session.record(entries) if entries else session.view
+    return protocol.metrics_reply(msg, {protocol.NUM_EXAMPLES: count, **released}, session.report(view))

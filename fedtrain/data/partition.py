@@ -126,13 +126,19 @@ def simulation_shard(
     return train.subset(parts[partition_id])
 
 
+def held_out_seed(config: Config, partition_id: int | None = None) -> int:
+    """The seed of a client's held-out draw: the run's seed for a real node's shard, and for simulated
+    client `partition_id` its own draw (its shard is cut from the same dataset as the others')."""
+    seed = config.federation.seed
+    return seed if partition_id is None else seed * 1_000_003 + partition_id
+
+
 def simulation_client_split(
     config: Config, partition_id: int, source: Dataset | None = None, target_kind: str = "classes"
 ) -> tuple[Dataset, Dataset]:
     """(training split, held-out split) of simulated client `partition_id`'s shard, as that client makes them."""
     shard = simulation_shard(config, partition_id, source, target_kind)
-    seed = config.federation.seed * 1_000_003 + partition_id  # each client its own held-out draw
-    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, seed)
+    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, held_out_seed(config, partition_id))
     return shard.subset(train_idx), shard.subset(held_idx)
 
 

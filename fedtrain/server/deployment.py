@@ -302,7 +302,7 @@ class Server:
                 runs = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)["runs"]
                 status = str(runs[0].get("status", "unknown")) if runs else "unknown"
                 if status.startswith("finished"):
-                    self._report_new_rounds(seen, on_round)
+                    self._report_new_rounds(seen, on_round, final=True)
                     return status
                 next_status = time.monotonic() + STATUS_SECONDS
             if self.superlink is not None and not self.superlink.alive:
@@ -313,14 +313,19 @@ class Server:
                 raise FedtrainError(f"run {run_id} did not finish within {self.options.run_timeout:.0f} s.")
             time.sleep(POLL_SECONDS)
 
-    def _report_new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None]) -> int:
+    def _report_new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None], final: bool = False) -> int:
+        """Report rows after the first `seen`; a row whose federated evaluation rides on the next round's
+        train messages waits for it (until the run is `final`). Returns how many are reported."""
         try:
             rows = json.loads((self.run_dir / METRICS_JSON).read_text())
         except (OSError, json.JSONDecodeError):
             return seen
         for row in rows[seen:]:
+            if row.get("federated_pending") and not final:
+                break
             on_round(row)
-        return len(rows)
+            seen += 1
+        return seen
 
 
 def _mtime(path: Path) -> float | None:

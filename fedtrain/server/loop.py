@@ -41,8 +41,8 @@ from fedtrain.models import build_model
 from fedtrain.security.keys import load_model_key
 from fedtrain.security.run_integrity import RunIntegrity
 from fedtrain.server import checkpoint
+from fedtrain.server import federated_evaluation as evaluation
 from fedtrain.server.exchanges import exchange_for
-from fedtrain.server.federated_evaluation import federated_evaluation
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.node_book import NodeBook
 from fedtrain.server.observers import OBSERVERS, RoundRecord
@@ -116,6 +116,7 @@ class Federation:
         self.privacy: dict[str, ClientPrivacy] = {}
         self.book = NodeBook()
         self.exchange = exchange_for(config, self.book)
+        self.rides = evaluation.rides(config)  # federated evaluation rides on the next round's train messages
         self.observers = [observer(self) for observer in OBSERVERS]
         self.released: list[int] = []  # rounds that released a new model (client-level DP may skip one)
         # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
@@ -203,23 +204,27 @@ class Federation:
             self.released.append(server_round)
         for name, reason in {**screened.failed, **screened.refused}.items():
             log.warning("round %d: %s: %s", server_round, name, reason)
+        if self.rides and self.rows and self.rows[-1]["round"] == server_round - 1:
+            # this round's train replies evaluated the previous round's model: that round's row is complete
+            previous = evaluation.aggregate(strategy, server_round - 1, list(screened.evaluations.values()), self.task)
+            self.rows[-1].update(self._federated_fields(previous))
+            if self.test_set is None:  # no central evaluation: the row shows the federated one
+                self.rows[-1].update(self._shown(previous.metrics))
 
-        federated = federated_evaluation(
-            grid, strategy, server_round, state, self.run_id, self.book, self.privacy, self.task
-        )
+        last = server_round == self.config.federation.rounds
+        pending = self.rides and not last  # this model's evaluation rides on the next round's train messages
+        federated = evaluation.Evaluated()
+        if not pending:
+            federated = evaluation.federated_evaluation(
+                grid, strategy, server_round, state, self.run_id, self.book, self.privacy, self.task
+            )
         central = self._central_evaluation(state)
-        shown = central if central is not None else federated.metrics
-        headline = self.task.headline
         row = {
             "round": server_round,
-            "metric": headline,  # what `accuracy` holds: the task's headline metric
-            "accuracy": shown.get(headline, float("nan")),
-            "loss": shown.get("loss", float("nan")),
-            "federated_accuracy": federated.metrics.get(headline, float("nan")),
-            "federated_accuracy_std": federated.std.get(headline, float("nan")),
-            "federated_loss": federated.metrics.get("loss", float("nan")),
-            "federated_loss_std": federated.std.get("loss", float("nan")),
-            "federated": federated.metrics,
+            "metric": self.task.headline,  # what `accuracy` holds: the task's headline metric
+            **self._shown(central if central is not None else federated.metrics),
+            **self._federated_fields(federated),
+            "federated_pending": pending,
             "train_loss": screened.train_loss.mean,
             "train_loss_std": screened.train_loss.std,
             "clients_ok": strategy.usable,
@@ -278,6 +283,8 @@ class Federation:
         try:
             # fedtrain's run id: clients key their stored ledgers by it, and it survives a resume
             sent = ConfigRecord({protocol.RUN_ID: self.run_id})
+            if self.rides and server_round > 1:  # the model they get is the last round's: evaluate it first
+                sent[protocol.EVALUATE_FIRST] = True
             return list(strategy.configure_train(server_round, ArrayRecord(state), sent, grid))
         except PrivacyBudgetExhausted:
             spent = central_dp.spent_epsilon(strategy.inner)
@@ -288,6 +295,23 @@ class Federation:
             ) from None
         except ValueError as exc:  # Flower's DP wrapper: the sample is not the size the noise was set for
             raise FedtrainError(f"round {server_round}: client-level DP cannot run this round ({exc}).") from None
+
+    def _shown(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A row's `accuracy` (the task's headline metric) and `loss`: central where the server has a test
+        split (simulation), else federated."""
+        return {"accuracy": metrics.get(self.task.headline, float("nan")), "loss": metrics.get("loss", float("nan"))}
+
+    def _federated_fields(self, federated: evaluation.Evaluated) -> dict[str, Any]:
+        """A row's federated evaluation; `federated_pending` is false once it is in."""
+        headline = self.task.headline
+        return {
+            "federated_accuracy": federated.metrics.get(headline, float("nan")),
+            "federated_accuracy_std": federated.std.get(headline, float("nan")),
+            "federated_loss": federated.metrics.get("loss", float("nan")),
+            "federated_loss_std": federated.std.get("loss", float("nan")),
+            "federated": federated.metrics,
+            "federated_pending": False,
+        }
 
     def _central_evaluation(self, state: OrderedDict) -> dict[str, float] | None:
         """The task's metrics on the server's own test split (simulation), or None without one."""

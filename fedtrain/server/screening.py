@@ -69,6 +69,8 @@ class Screened:
     train_loss: ReleasedMean = field(default_factory=lambda: ReleasedMean())
     bytes_up: dict[str, int] = field(default_factory=dict)  # each update reply's content, as it travelled
     update_bytes: dict[str, int] = field(default_factory=dict)  # of which its update (packed, when compressed)
+    # train replies that evaluated the global model first: what each client released, as evaluate metrics
+    evaluations: dict[str, protocol.Metrics] = field(default_factory=dict)
 
 
 def _name(client: str, node: int, known: dict[int, str]) -> str:
@@ -139,6 +141,9 @@ def read(msg: Message, node: int, known: dict[int, str], out: Screened) -> proto
     name = _name(reply.client, node, known)
     if reply.privacy is not None:
         out.privacy[name] = ClientPrivacy.of(reply.privacy)
+    evaluation = protocol.evaluation_of(reply)
+    if evaluation is not None:  # it left the client (and is on its ledger) whatever became of the training
+        out.evaluations[name] = evaluation
     if reply.kind == "error":
         out.failed[name] = f"client error ({reply.reason})"
         return None
@@ -184,6 +189,8 @@ def screen_reply(
     if problem:
         out.failed[name] = f"rejected update: {problem}"
         return None
+    for key in [k for k in metrics if k == protocol.HELD_OUT_EXAMPLES or k.startswith(protocol.EVAL)]:
+        del metrics[key]  # the evaluation was read above: the strategy aggregates training metrics only
     metrics[protocol.UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
     out.train_loss.add(metrics, protocol.TRAIN_LOSS)
     return update
