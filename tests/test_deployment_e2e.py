@@ -157,7 +157,8 @@ def test_clients_tls_auth_encrypted_payloads_policies_and_a_locked_control_plane
     _wait_for(second_round_training, 500, "client-3 to receive round 2's training message")
     os.killpg(victim.pid, signal.SIGKILL)  # the client's machine dies: nothing gets to clean up
     victim.wait(timeout=10)
-    _wait_for(lambda: not subprocess.run(["pgrep", "-f", "client-3"], capture_output=True).stdout, 15,
+    # this test's client-3 only (its kit path is under tmp): other tests may run clients of that name
+    _wait_for(lambda: not subprocess.run(["pgrep", "-f", f"{tmp}.*client-3"], capture_output=True).stdout, 15,
               "client-3's SuperNode to die with it")  # fmt: skip
     start_client(3, "client-3-again")  # restarted at once, while the server still counts it as online
     try:
