@@ -63,9 +63,9 @@ def processes_refusal(processes: int, num_samples: int, settings: TrainSettings,
     if settings.grad_sample_mode == "ghost":
         return "ghost clipping is not supported in several local processes; use --processes 1 or another mode."
     if device.type == "cuda":
-        first = device.index or 0
-        if first + processes > torch.cuda.device_count():
-            return f"{processes} processes need GPUs {first} to {first + processes - 1}; this machine has {torch.cuda.device_count()}."
+        first, count = device.index or 0, torch.cuda.device_count()
+        if first + processes > count:
+            return f"{processes} processes need GPUs {first} to {first + processes - 1}; this machine has {count}."
         if torch.cuda.is_initialized():  # a forked child cannot use CUDA its parent has initialised
             return "CUDA was initialised before the training processes started; they cannot use it."
     return None
