@@ -81,7 +81,7 @@ def test_two_processes_train_the_single_process_round(name: str, physical: int |
     assert _close(single, split)
     assert split_result.entry == single_result.entry == planned_round(len(data), settings, 1.0)
     assert split_result.loss == pytest.approx(single_result.loss, rel=1e-5)  # over both ranks' examples
-    if name == "mlp" and physical is None:  # the comparison can fail: other noise, or other samples, give other parameters
+    if name == "mlp" and physical is None:  # the comparison can fail: other noise or samples, other parameters
         assert not _close(single, _split(name, data, settings, Seeds(SEEDS.sampling, SEEDS.noise + 1))[0])
         assert not _close(single, _split(name, data, settings, Seeds(SEEDS.sampling + 1, SEEDS.noise))[0])
 
