@@ -13,12 +13,11 @@ import dataclasses
 import multiprocessing
 import os
 import time
-from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
 from fedtrain import protocol
@@ -33,7 +32,7 @@ from fedtrain.models import build_model
 from fedtrain.privacy.ledger import PrivacyLedger
 from fedtrain.tasks import Classification
 from tests.conftest import run_cli
-from tests.inprocess import flower_task, over_the_wire
+from tests.inprocess import flower_task, train_message
 
 SHAPE = [1, 8, 8]
 CLASSES = 10
@@ -171,20 +170,12 @@ def test_settings_that_cannot_run_are_refused(processes: int, settings: TrainSet
 # ---------------------------------------------------------------- on the client
 
 
-def _train_message(weights: OrderedDict) -> Message:
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.CONFIG: ConfigRecord({protocol.RUN_ID: "r"})})
-    with flower_task():
-        msg = Message(over_the_wire(content), dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    return msg
-
-
 def _client_round(processes: object, **config) -> protocol.Reply:
     config = Config(rounds=2, clients=2, input_shape=SHAPE, labels=[str(i) for i in range(CLASSES)], **config)
     model = build_model("logistic", SHAPE, CLASSES, seed=0)
     context = Context(1, 1, {"partition-id": 0, "processes": processes}, RecordDict(), {})
     with flower_task():
-        reply = handlers.handle_train(_train_message(OrderedDict(model.state_dict())), context, config, ClientSetup())
+        reply = handlers.handle_train(train_message(model.state_dict()), context, config, ClientSetup())
     return protocol.read_reply(reply)
 
 

@@ -36,6 +36,9 @@ from fedtrain.tasks import Task
 
 POLL = 0.2  # seconds between checks that every rank is still alive
 STOP_TIMEOUT = 10.0  # seconds for a killed rank to be reaped
+# A collective waiting on a dead or hung rank gives up this long after the round's deadline: a backstop
+# only, the task stops every rank at the deadline (and a rank dies with the task)
+COLLECTIVE_MARGIN = 60.0
 
 
 def processes_refusal(processes: int, num_samples: int, settings: TrainSettings, device: torch.device) -> str | None:
@@ -123,7 +126,7 @@ def _rank(spec: _Round, ranks: Ranks, send: Connection, inherited: list[Connecti
             init_method=f"tcp://127.0.0.1:{spec.port}",
             rank=ranks.rank,
             world_size=ranks.world,
-            timeout=timedelta(seconds=spec.timeout),  # a collective waiting on a dead or hung rank gives up
+            timeout=timedelta(seconds=spec.timeout + COLLECTIVE_MARGIN),
         )
         result = train_round(spec.model, spec.data, spec.settings, spec.noise_multiplier, spec.ledger, device,
                              spec.task, planned=spec.planned, seeds=spec.seeds, ranks=ranks)  # fmt: skip
