@@ -85,6 +85,26 @@ def test_two_processes_train_the_single_process_round(name: str, physical: int |
         assert not _close(single, _split(name, data, settings, Seeds(SEEDS.sampling + 1, SEEDS.noise))[0])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_ranks_shares_are_the_single_process_batch(world: int) -> None:
+    """Against Opacus's own single-process Poisson sampler on the same seed: every step, the ranks' shares
+    are disjoint and together its batch, and every rank yields every step (empty shares included)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from fedtrain.clients.data_parallel import Ranks, SplitPoissonSampler
+
+    rate = 1 / 20  # about 2 examples a step over 40: many empty shares
+    single = list(UniformWithReplacementSampler(num_samples=40, sample_rate=rate,
+                                                generator=torch.Generator().manual_seed(5)))  # fmt: skip
+    shares = [list(SplitPoissonSampler(num_samples=40, sample_rate=rate, generator=torch.Generator().manual_seed(5),
+                                       ranks=Ranks(rank, world))) for rank in range(world)]  # fmt: skip
+    assert all(len(share) == len(single) == 20 for share in shares)
+    assert any(len(share[step]) == 0 < len(single[step]) for share in shares for step in range(20))
+    for step, batch in enumerate(single):
+        parts = [share[step] for share in shares]
+        assert sorted(i for part in parts for i in part) == sorted(batch)  # disjoint, and the whole batch
+
+
 def _by_hand(model: torch.nn.Module, data: ArrayDataset, noise_draws: int) -> list[torch.Tensor]:
     """One DP-SGD step over the whole split (q = 1), lr 1, without Opacus: each example's own gradient,
     clipped to CLIP, summed, plus `noise_draws` times the Gaussian noise of the seed, over the batch."""
