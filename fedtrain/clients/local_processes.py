@@ -216,9 +216,9 @@ def _collect(channels: list[Connection], workers: list, deadline: float, timeout
     while len(results) < world:
         pending = [conn for rank, conn in enumerate(channels) if rank not in results]
         for conn in wait(pending, timeout=max(0.0, min(POLL, deadline - time.monotonic()))):
-            rank = channels.index(conn)  # type: ignore[arg-type]
+            rank = next(i for i, channel in enumerate(channels) if channel is conn)
             try:
-                report = pickle.loads(conn.recv_bytes())  # noqa: S301 - from this task's own forked child
+                report = pickle.loads(channels[rank].recv_bytes())  # noqa: S301 - from this task's own forked child
             except (EOFError, OSError):
                 workers[rank].join(STOP_TIMEOUT)
                 raise FedtrainError(
