@@ -53,6 +53,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def session_members(sid: int) -> list[int]:
+    """Every process in session `sid` (a child started with start_new_session=True heads its own): what it
+    started, daemons that left its process group included (Ray's), and nothing of another test's."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:  # state ppid pgrp session
+                found.append(int(stat.parent.name))
+    return found
+
+
 def same_network_namespace(pid: int) -> list[int]:
     """Every process that shares `pid`'s network namespace."""
     try:

@@ -3,8 +3,10 @@ accuracy bands, epsilon recomputed independently, refusals, and ciphertext-only 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from tests.conftest import run_cli, run_cli_process
+from tests.sockets import session_members
 
 pytestmark = pytest.mark.e2e
 
@@ -46,23 +49,41 @@ def _export(run_dir: Path, capsys) -> dict[str, torch.Tensor]:
 
 
 def _sigkill_after_first_checkpoint(args: list[str], run_dir: Path) -> None:
-    """Run `fedtrain simulate` in its own process group and SIGKILL all of it (Ray included) as soon
-    as a round's checkpoint is on disk: a crash, with nothing to clean up or finish writing."""
-    before = set(Path("/tmp").glob("ftray-*"))
+    """Run `fedtrain simulate` in its own session and SIGKILL all of it (Ray included) as soon as a
+    round's checkpoint is on disk: a crash, with nothing to clean up or finish writing.
+
+    Only this child's session is killed and only its Ray directory removed: another test running beside
+    this one (pytest-xdist) has Ray processes and an ftray- directory of its own, and killing those
+    takes its run, or the test worker that drives an in-process Ray, down with it."""
     child = subprocess.Popen([str(Path(sys.executable).with_name("fedtrain")), *args], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 360
         while not (run_dir / "checkpoint.ftenc").exists():
             assert child.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            assert time.monotonic() < deadline, "no checkpoint within 360 s"
             time.sleep(0.2)
     finally:
-        os.killpg(child.pid, signal.SIGKILL)
+        ray_dirs: set[Path] = set()
+        for _ in range(3):  # again, for anything the session started while it was being killed
+            members = session_members(child.pid)  # Ray's daemons leave the process group, not the session
+            ray_dirs |= {found for pid in members for found in _ray_dirs(pid)}
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
         child.wait(timeout=30)
-        for ray_dir in set(Path("/tmp").glob("ftray-*")) - before:  # Ray's own daemons, if any outlived it
-            subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)
+        for ray_dir in ray_dirs:
             shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _ray_dirs(pid: int) -> set[Path]:
+    """The ftray- directories (fedtrain's Ray temp dirs) a process names in its arguments."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return set()
+    return {Path(found) for found in re.findall(r"/tmp/ftray-[^/\s=,;:'\"\x00]+", raw)}
 
 
 def test_budget_refusal_ledger_and_ciphertext_only_on_disk_across_a_crash(tmp_path, capsys) -> None:
