@@ -18,18 +18,30 @@ exists, so an upgrade that moves one fails there, not in a federation. Why each 
   methods with its own state: Flower offers SecAgg+ only as that workflow.
 - checkpoints (server/checkpoint.py) save and restore the server optimizer state of Flower's FedOpt
   family and FedAvgM, held in these attributes.
+- the simulation's message store (simulation.py): Flower 1.42's in-memory LinkState answers a node's
+  `get_message_ins` by scanning and re-validating every stored message, and the Simulation Engine asks
+  it for every node every 0.1 s: nodes x messages checks per pass (8.6 s at 1000 x 1000 on this
+  machine), so 1000 clients all training never finished a round. `IndexedLinkState` keeps each node's
+  undelivered messages and validates only those, with Flower's own checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# ---------------------------------------------------------------- secure aggregation: the legacy workflow
 from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
+
+# simulation: the message store, indexed
+from flwr.server.superlink.linkstate import in_memory_linkstate as _in_memory
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+# secure aggregation: the legacy workflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
@@ -232,6 +244,105 @@ def set_supernode_polling(idle: float, idle_max: float, growth: float, wait: flo
     loop._pull_and_store_message = pulled
 
 
+# ---------------------------------------------------------------- the simulation's message store
+
+
+class IndexedLinkState(InMemoryLinkState):
+    """Flower's in-memory LinkState with two indexes: each node's stored, undelivered messages in the
+    order they were stored, and every stored message by the time it expires.
+
+    Flower's `get_message_ins(node)` runs `_check_stored_messages` on every stored message (dropping
+    those expired, or whose nodes left the federation) and then returns the node's undelivered ones.
+    This one runs the same check on the messages that have expired since the last call (in expiry
+    order) and on the node's own undelivered messages, then returns those: the same messages, in the
+    same order, with the same delivery stamps (tests/test_linkstate_index.py runs both side by side).
+    What it does not repeat per call is the federation check of other nodes' messages: a simulation
+    has one federation and no node leaves it, and a node's own messages are still checked before it
+    gets them.
+
+    `validated` counts the messages it checked: one per message delivered, expired or deleted before
+    delivery, however many nodes poll and however often.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._undelivered: dict[int, dict[str, None]] = {}  # node -> message ids (a dict: ordered set)
+        self._expiry: list[tuple[float, str]] = []  # heap of (created_at + ttl, message id)
+        self.validated = 0
+
+    def store_message_ins(self, message: Any) -> str | None:
+        with self.lock:
+            message_id = super().store_message_ins(message)
+            stored = self.message_ins_store.get(message_id) if message_id is not None else None
+            if stored is not None and stored is message:  # newly stored (not an id it already held)
+                meta = stored.metadata
+                self._undelivered.setdefault(meta.dst_node_id, {})[meta.message_id] = None
+                heapq.heappush(self._expiry, (meta.created_at + meta.ttl, meta.message_id))
+            return message_id
+
+    def _drop_expired(self) -> None:
+        """Flower's check on every message whose time is up (it deletes the ones still stored)."""
+        current = _in_memory.now().timestamp()
+        while self._expiry and self._expiry[0][0] <= current:
+            _, message_id = heapq.heappop(self._expiry)
+            if message_id in self.message_ins_store:
+                self.validated += 1
+                self._check_stored_messages({message_id})
+
+    def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Any]:
+        if limit is not None and limit < 1:
+            raise AssertionError("`limit` must be >= 1")
+        found: list[Any] = []
+        with self.lock:
+            self._drop_expired()
+            pending = self._undelivered.get(node_id, {})
+            for message_id in list(pending):
+                self.validated += 1
+                self._check_stored_messages({message_id})  # Flower's checks, as Flower runs them
+                message = self.message_ins_store.get(message_id)
+                if message is None or message.metadata.delivered_at != "":
+                    pending.pop(message_id, None)
+                    continue
+                if run_id is None or message.metadata.run_id == run_id:
+                    found.append(message)
+                if limit and len(found) == limit:
+                    break
+            for message in found:
+                pending.pop(message.metadata.message_id, None)
+            if not pending:
+                self._undelivered.pop(node_id, None)
+        delivered_at = _in_memory.now().isoformat()  # as Flower marks them: after the lookup
+        for message in found:
+            message.metadata.delivered_at = delivered_at
+        return found
+
+    def delete_messages(self, message_ins_ids: set[str]) -> None:
+        with self.lock:
+            for message_id in message_ins_ids:
+                message = self.message_ins_store.get(message_id)
+                if message is not None:
+                    self._undelivered.get(message.metadata.dst_node_id, {}).pop(message_id, None)
+            super().delete_messages(message_ins_ids)
+
+    def undelivered(self) -> int:
+        """Messages in the node index (stored, not yet delivered)."""
+        with self.lock:
+            return sum(len(ids) for ids in self._undelivered.values())
+
+
+@contextlib.contextmanager
+def indexed_message_state() -> Iterator[None]:
+    """A Simulation Engine started inside gets an `IndexedLinkState` from Flower's LinkStateFactory."""
+    from flwr.server.superlink.linkstate import linkstate_factory
+
+    previous = linkstate_factory.InMemoryLinkState
+    linkstate_factory.InMemoryLinkState = IndexedLinkState  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        linkstate_factory.InMemoryLinkState = previous  # type: ignore[misc]
+
+
 def run_supernode() -> None:
     from flwr.supernode.cli import flower_supernode
 
@@ -247,12 +358,14 @@ __all__ = [
     "OPTIMIZER_STATE",
     "SECAGG_STAGES",
     "FitIns",
+    "IndexedLinkState",
     "Parameters",
     "SecAggPlusWorkflow",
     "WorkflowKey",
     "WorkflowState",
     "bytes_to_ndarray",
     "parameters_to_ndarrays",
+    "indexed_message_state",
     "launch_accepted",
     "launch_failed",
     "pin_clientapp",

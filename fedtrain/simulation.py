@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from fedtrain._flower import indexed_message_state
 from fedtrain.clients.app import build_client_app
 from fedtrain.clients.encryption_mod import ClientKeys
 from fedtrain.components import Components, model_for, outputs_for, task_for
@@ -250,7 +251,8 @@ def run(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
-        with _quiet_flower(verbose):
+        # Flower's message store, indexed per node: unindexed, 1000 clients all training never finish a round
+        with _quiet_flower(verbose), indexed_message_state():
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,

@@ -26,6 +26,7 @@ from fedtrain.clients.grad_sample_mode import (
 )
 from fedtrain.components import ClientProbe
 from fedtrain.data import Dataset, Transformed
+from fedtrain.device import manual_seed
 from fedtrain.privacy import preflight
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtrain.privacy.preflight import PrivateSetup
@@ -161,7 +162,7 @@ def private_training(
     log.debug("per-sample gradients with Opacus grad_sample_mode=%s on %s", mode, device)
     # torch's default generator starts from a fixed seed in every process: seed the Poisson
     # sampler and the noise from the OS's CSPRNG so neither can be predicted.
-    torch.manual_seed(secrets.randbits(63))
+    manual_seed(secrets.randbits(63))
     noise_generator = torch.Generator(device=device)
     noise_generator.manual_seed(secrets.randbits(63))
     task_loss = TaskLoss(task)
