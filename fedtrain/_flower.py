@@ -35,16 +35,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# secure aggregation: the legacy workflow; simulation: the message store (in_memory_linkstate, NodeStatus)
 from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
-
-# simulation: the message store, indexed
 from flwr.server.superlink.linkstate import in_memory_linkstate as _in_memory
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-
-# secure aggregation: the legacy workflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
+from flwr.supercore.constant import NodeStatus
 
 SECAGG_STAGES = ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage")
 
@@ -247,9 +245,14 @@ def set_supernode_polling(idle: float, idle_max: float, growth: float, wait: flo
 # ---------------------------------------------------------------- the simulation's message store
 
 
+_UNREGISTERED = NodeStatus.UNREGISTERED
+_SLACK = 1.0  # seconds: a message this close to expiring, or a node this close to offline, goes to Flower's check
+
+
 class IndexedLinkState(InMemoryLinkState):
     """Flower's in-memory LinkState with two indexes: each node's stored, undelivered messages in the
-    order they were stored, and every stored message by the time it expires.
+    order they were stored, and every stored message by the time it expires; and `get_message_res`
+    runs Flower's checks only on the messages it has something to return for.
 
     Flower's `get_message_ins(node)` runs `_check_stored_messages` on every stored message (dropping
     those expired, or whose nodes left the federation) and then returns the node's undelivered ones.
@@ -268,6 +271,7 @@ class IndexedLinkState(InMemoryLinkState):
         super().__init__(*args, **kwargs)
         self._undelivered: dict[int, dict[str, None]] = {}  # node -> message ids (a dict: ordered set)
         self._expiry: list[tuple[float, str]] = []  # heap of (created_at + ttl, message id)
+        self._facts: dict[str, tuple[int, float, int, int]] = {}  # message id -> (run, expiry, source, destination)
         self.validated = 0
 
     def store_message_ins(self, message: Any) -> str | None:
@@ -276,8 +280,10 @@ class IndexedLinkState(InMemoryLinkState):
             stored = self.message_ins_store.get(message_id) if message_id is not None else None
             if stored is not None and stored is message:  # newly stored (not an id it already held)
                 meta = stored.metadata
+                expires = meta.created_at + meta.ttl
                 self._undelivered.setdefault(meta.dst_node_id, {})[meta.message_id] = None
-                heapq.heappush(self._expiry, (meta.created_at + meta.ttl, meta.message_id))
+                heapq.heappush(self._expiry, (expires, meta.message_id))
+                self._facts[meta.message_id] = (meta.run_id, expires, meta.src_node_id, meta.dst_node_id)
             return message_id
 
     def _drop_expired(self) -> None:
@@ -316,12 +322,43 @@ class IndexedLinkState(InMemoryLinkState):
             message.metadata.delivered_at = delivered_at
         return found
 
+    def get_message_res(self, message_ids: set[str], run_id: int) -> list[Any]:
+        """Flower's answer for the asked messages that have one now: a reply, or an error reply (message
+        unknown, of another run, expired, its node offline or out of the federation). A message still
+        waiting for its reply gets nothing from Flower either, so it skips Flower's per-message work: a
+        server pulling 1000 outstanding messages often pays for the replies that came, not for all."""
+        with self.lock:
+            current = _in_memory.now().timestamp()
+            answered = {m for m in message_ids if self._has_answer(m, run_id, current)}
+            return super().get_message_res(answered, run_id) if answered else []
+
+    def _has_answer(self, message_id: str, run_id: int, current: float) -> bool:
+        """Whether Flower's get_message_res could return anything for this message now (on doubt: yes)."""
+        facts = self._facts.get(message_id)
+        if facts is None or message_id not in self.message_ins_store:
+            return True  # Flower answers an unknown message with an error reply
+        if message_id in self.message_ins_id_to_message_res_id:
+            return True
+        run, expires, src, dst = facts
+        if run != run_id or expires <= current + _SLACK:
+            return True
+        node = self.nodes.get(dst)
+        if node is None or node.status == _UNREGISTERED or node.online_until is None:
+            return True
+        if node.online_until < current + _SLACK:
+            return True
+        if src != dst:
+            federation = self.run_ids[run].run.federation_id
+            return len(self.federation_manager.filter_nodes({src, dst}, federation)) != 2
+        return False
+
     def delete_messages(self, message_ins_ids: set[str]) -> None:
         with self.lock:
             for message_id in message_ins_ids:
                 message = self.message_ins_store.get(message_id)
                 if message is not None:
                     self._undelivered.get(message.metadata.dst_node_id, {}).pop(message_id, None)
+                self._facts.pop(message_id, None)
             super().delete_messages(message_ins_ids)
 
     def undelivered(self) -> int:

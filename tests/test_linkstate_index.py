@@ -94,6 +94,31 @@ class Twin:
             seen(self.indexed.get_message_ins(self.indexed_nodes[node], limit, run_id=run_id)),
         )
 
+    def reply(self, message_id: str) -> tuple[bool, bool]:
+        """The node's reply to a stored message, stored in both states (whether each took it)."""
+        took = []
+        for state in (self.flower, self.indexed):
+            reply = Message(RecordDict(), reply_to=state.message_ins_store[message_id])
+            reply.metadata.__dict__["_message_id"] = f"reply-{message_id}"
+            took.append(state.store_message_res(reply) is not None)
+        return took[0], took[1]
+
+    def pull(self, ids: set[str], run_id: int) -> tuple[object, object]:
+        """get_message_res on both, then the deletion InMemoryGrid.pull_messages does: what each returned."""
+
+        def pulled(state: InMemoryLinkState) -> object:
+            try:
+                replies = state.get_message_res(set(ids), run_id)
+            except ValueError as exc:
+                return f"ValueError: {exc}"
+            state.delete_messages({r.metadata.reply_to_message_id for r in replies})
+            return sorted(
+                (r.metadata.reply_to_message_id, r.has_error(), r.error.code if r.has_error() else None)
+                for r in replies
+            )
+
+        return pulled(self.flower), pulled(self.indexed)
+
     def delete(self, ids: set[str]) -> None:
         self.flower.delete_messages(set(ids))
         self.indexed.delete_messages(set(ids))
@@ -102,10 +127,11 @@ class Twin:
 @pytest.mark.parametrize("seed", range(6))
 def test_every_node_gets_what_flowers_state_gives_it(seed: int) -> None:
     """Random stores (new and repeated ids, two runs, short and long TTLs), polls (limits 1, 2, none;
-    with and without a run), deletions and the clock moving on: every poll of every node returns what
-    Flower's own state returns, and both keep the same messages."""
+    with and without a run), replies, the server's pulls (replies, unknown, expired and other runs'
+    messages), deletions and the clock moving on: every node and the server get what Flower's own state
+    gives them, and both keep the same live messages."""
     rng = random.Random(seed)
-    twin, nodes, stored, polled = Twin(nodes=7), 7, [], 0
+    twin, nodes, stored, polled, pulled = Twin(nodes=7), 7, [], 0, 0
     for _ in range(400):
         op = rng.random()
         if op < 0.45 or not stored:
@@ -124,7 +150,17 @@ def test_every_node_gets_what_flowers_state_gives_it(seed: int) -> None:
             assert twin.indexed.message_ins_store.keys() <= twin.flower.message_ins_store.keys()
             assert all(_expired(twin.flower.message_ins_store[k]) for k in kept)
             polled += len(flower)
-        elif op < 0.93:
+        elif op < 0.87:
+            live = [m for m in stored if m in twin.flower.message_ins_store and m in twin.indexed.message_ins_store]
+            if live:
+                took = twin.reply(rng.choice(live))
+                assert took[0] == took[1]
+        elif op < 0.91:
+            asked = set(rng.sample(stored, k=min(len(stored), rng.randint(1, 6)))) | {"never-stored"}
+            flower, indexed = twin.pull(asked, rng.choice(RUNS))
+            assert flower == indexed
+            pulled += len(flower) if isinstance(flower, list) else 0
+        elif op < 0.94:
             twin.delete(set(rng.sample(stored, k=min(len(stored), rng.randint(1, 3)))))
         else:
             CLOCK[0] += rng.uniform(0, 20)
@@ -132,7 +168,7 @@ def test_every_node_gets_what_flowers_state_gives_it(seed: int) -> None:
         flower, indexed = twin.get(node, None, None)
         assert flower == indexed
         polled += len(flower)
-    assert polled > 50  # the comparison covered deliveries, not only empty polls
+    assert polled > 50 and pulled > 5  # the comparison covered deliveries and replies, not only empty calls
     assert twin.indexed.undelivered() == 0
 
 
