@@ -29,14 +29,11 @@ def resolve_device(name: str) -> torch.device:
 @functools.cache
 def _accelerators() -> bool:
     """Whether this process could use any device but the CPU (torch's build and this machine)."""
-    backend = torch._C._get_privateuse1_backend_name()
-    return bool(
-        torch.cuda.is_available()
-        or torch.backends.mps.is_available()
-        or torch.xpu.is_available()
-        or torch.mtia.is_available()
-        or hasattr(torch, backend)  # a registered custom device
-    )
+    for name in ("cuda", "xpu", "mtia"):  # the modules torch.manual_seed seeds (xpu, mtia: torch >= 2.3, 2.4)
+        module = getattr(torch, name, None)
+        if module is not None and module.is_available():
+            return True
+    return torch.backends.mps.is_available() or hasattr(torch, torch._C._get_privateuse1_backend_name())
 
 
 def manual_seed(seed: int) -> None:
