@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -367,17 +368,27 @@ class IndexedLinkState(InMemoryLinkState):
             return sum(len(ids) for ids in self._undelivered.values())
 
 
+_INDEXED_LOCK = threading.Lock()
+_indexed_users: list[Any] = []  # the factory's class before the first of the calls inside, once per call
+
+
 @contextlib.contextmanager
 def indexed_message_state() -> Iterator[None]:
-    """A Simulation Engine started inside gets an `IndexedLinkState` from Flower's LinkStateFactory."""
+    """A Simulation Engine started inside gets an `IndexedLinkState` from Flower's LinkStateFactory
+    (nested or concurrent uses: Flower's class is back when the last one ends)."""
     from flwr.server.superlink.linkstate import linkstate_factory
 
-    previous = linkstate_factory.InMemoryLinkState
-    linkstate_factory.InMemoryLinkState = IndexedLinkState  # type: ignore[misc]
+    with _INDEXED_LOCK:
+        _indexed_users.append(linkstate_factory.InMemoryLinkState)
+        linkstate_factory.InMemoryLinkState = IndexedLinkState  # type: ignore[misc]
     try:
         yield
     finally:
-        linkstate_factory.InMemoryLinkState = previous  # type: ignore[misc]
+        with _INDEXED_LOCK:
+            original = _indexed_users[0]
+            _indexed_users.pop()
+            if not _indexed_users:
+                linkstate_factory.InMemoryLinkState = original  # type: ignore[misc]
 
 
 def run_supernode() -> None:

@@ -232,3 +232,10 @@ def test_the_simulation_engine_gets_the_indexed_state_only_inside() -> None:
     with indexed_message_state():
         assert made() is IndexedLinkState
     assert made() is InMemoryLinkState and linkstate_factory.InMemoryLinkState is InMemoryLinkState
+    outer, inner = indexed_message_state(), indexed_message_state()  # overlapping uses, ended out of order
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert made() is IndexedLinkState
+    inner.__exit__(None, None, None)
+    assert made() is InMemoryLinkState
