@@ -307,7 +307,7 @@ class IndexedLinkState(InMemoryLinkState):
                 self.validated += 1
                 self._check_stored_messages({message_id})  # Flower's checks, as Flower runs them
                 message = self.message_ins_store.get(message_id)
-                if message is None or message.metadata.delivered_at != "":
+                if message is None or message.metadata.delivered_at != "" or message.metadata.dst_node_id != node_id:
                     pending.pop(message_id, None)
                     continue
                 if run_id is None or message.metadata.run_id == run_id:

@@ -186,6 +186,11 @@ def test_a_node_never_gets_a_message_twice_nor_an_expired_one() -> None:
     assert twin.get(0, None, None) == ([], [])
     assert twin.store("c", 1, RUNS[0]) == ("c", "c")  # a new message with an expired one's id is delivered
     assert twin.get(1, None, None) == ([("c", RUNS[0], True)], [("c", RUNS[0], True)])
+    twin.store("d", 0, RUNS[0])
+    twin.delete({"d"})
+    twin.store("d", 1, RUNS[1])  # the same id, now another node's message
+    assert twin.get(0, None, None) == ([], [])
+    assert twin.get(1, None, None) == ([("d", RUNS[1], True)], [("d", RUNS[1], True)])
 
 
 def _count_flower_checks(state: InMemoryLinkState) -> list[int]:
