@@ -1,7 +1,7 @@
 """Seconds per round of `fedtrain simulate` (Flower's Simulation Engine, Ray) with 10, 100 and 1000
 clients, every client training in every round, and how the cost per trained client scales.
 
-    python benchmarks/simulation_scale.py                      # 5-7 minutes on 2 loaded cores (RESULTS.md)
+    python benchmarks/simulation_scale.py                      # 5-10 minutes on 2 loaded cores (RESULTS.md)
     python benchmarks/simulation_scale.py --clients 10,100 --json /tmp/simulation_scale.json
 
 Each client count is one real `fedtrain simulate` process (the CLI, so Ray starts fresh each time)
