@@ -580,6 +580,13 @@ def client(
     policy: Annotated[
         Path | None, typer.Option(help="This client's privacy policy (TOML; default: the kit's policy.toml).")
     ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            help="Train each round with this many local processes (one per GPU from --device, or CPU with gloo); "
+            "the same samples, noise and ledger entry as one process."
+        ),
+    ] = 1,
 ) -> None:
     """Join a federation: a SuperNode that trains on the shard at --data and never uploads it.
 
@@ -594,6 +601,8 @@ def client(
         resolve_device(device)
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise FedtrainError(f"--max-physical-batch-size must be at least 1, not {max_physical_batch_size}.")
+    if processes < 1:
+        raise FedtrainError(f"--processes must be at least 1, not {processes}.")
     options = ClientOptions(
         kit,
         server_address,
@@ -605,6 +614,7 @@ def client(
         max_physical_batch_size,
         policy,
         secret_env=(passphrase_env,) if passphrase_env else (),
+        processes=processes,
     )
     join(options, lambda text: console.print(text, highlight=False))
 

@@ -31,6 +31,7 @@ from fedtrain.data import Dataset, load_source
 from fedtrain.data.partition import simulation_client_split, simulation_shard, simulation_test_set
 from fedtrain.device import resolve_device
 from fedtrain.errors import FedtrainError
+from fedtrain.local_ray import start_ray
 from fedtrain.models import build_model
 from fedtrain.privacy.policy import ClientPolicy
 from fedtrain.security.keys import generate_key, load_model_key
@@ -250,16 +251,23 @@ def run(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    backend = backend_config(config, ray_dir)
     try:
         # Flower's message store, indexed per node: unindexed, 1000 clients all training never finish a round
         with _quiet_flower(verbose), indexed_message_state():
+            # Flower's backend starts Ray only when none runs: start it here, retried on a busy machine
+            start_ray(backend["init_args"])
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=config.federation.clients,
-                backend_config=backend_config(config, ray_dir),
+                backend_config=backend,
             )
     finally:
+        import ray
+
+        if ray.is_initialized():  # Flower shuts Ray down when it ends normally, not when it fails to start
+            ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
     if not (Path(str(config.deployment.run_dir)) / MODEL_FILE).exists():  # Flower logs a ServerApp's error and returns
         last = rows[-1]["round"] if rows else "no"

@@ -9,9 +9,11 @@ what a crashed and restarted process has: only what the client keeps on disk sur
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.task_identity import TaskIdentity
@@ -35,6 +37,18 @@ def flower_task() -> Iterator[None]:
 
 def over_the_wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
+
+
+def train_message(weights: Mapping[str, Any]) -> Message:
+    """A train message of run "r" carrying `weights`, as a node receives it (for calling a handler directly)."""
+    from fedtrain import protocol
+
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(OrderedDict(weights)),
+                          protocol.CONFIG: ConfigRecord({protocol.RUN_ID: "r"})})  # fmt: skip
+    with flower_task():
+        msg = Message(over_the_wire(content), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
 
 
 class LocalGrid:

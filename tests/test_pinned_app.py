@@ -78,7 +78,7 @@ def main(grid, context):
             break
         import time; time.sleep(0.5)
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=90))
+    replies = list(grid.send_and_receive(messages, timeout=300))
     report = [{"error": r.error.reason if r.has_error() else None} for r in replies]
     with open(os.environ["EVIL_REPORT"], "w") as f:
         json.dump(report, f)
@@ -136,7 +136,7 @@ def test_a_run_shipping_its_own_client_code_never_executes_on_a_fedtrain_client(
     client = ManagedProcess("client", node_argv, env, tmp_path / "client.log")
     try:
         wait_for_port("127.0.0.1", port, 60, superlink)
-        submitted = run_tool([tool("flwr"), "run", str(app), "local", "--format", "json"], env, timeout=120)
+        submitted = run_tool([tool("flwr"), "run", str(app), "local", "--format", "json"], env, timeout=300)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         deadline = time.monotonic() + 150
         while not report.exists() and time.monotonic() < deadline:

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,7 +24,7 @@ from fedtrain.privacy import preflight
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtrain.privacy.preflight import PreflightRefusal, PrivateSetup
 from fedtrain.tasks import Classification
-from tests.inprocess import flower_task, over_the_wire
+from tests.inprocess import flower_task, train_message
 
 CPU = torch.device("cpu")
 SETTINGS = TrainSettings(16, 1, 0.5, 0.0, 1.0)
@@ -232,14 +231,6 @@ def test_the_trainer_refuses_before_its_first_step() -> None:
 # ---------------------------------------------------------------- on the client, and in simulation
 
 
-def _train_message(weights: OrderedDict) -> Message:
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.CONFIG: ConfigRecord({protocol.RUN_ID: "r"})})
-    with flower_task():
-        msg = Message(over_the_wire(content), dst_node_id=1, message_type="train")
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    return msg
-
-
 def test_a_client_refuses_in_its_own_words_and_spends_nothing(monkeypatch) -> None:
     """A loader that is not Poisson (Opacus asked for fixed-size batches) reaches a client's handler: it
     replies with a refusal of the run, before any step, and its ledger holds nothing."""
@@ -253,7 +244,7 @@ def test_a_client_refuses_in_its_own_words_and_spends_nothing(monkeypatch) -> No
     model = build_model("logistic", [1, 8, 8], 10, seed=0)
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
     with flower_task():
-        reply = protocol.read_reply(handlers.handle_train(_train_message(OrderedDict(model.state_dict())), context,
+        reply = protocol.read_reply(handlers.handle_train(train_message(model.state_dict()), context,
                                                           config, ClientSetup()))  # fmt: skip
     assert reply.kind == "refused" and reply.refusal_kind == protocol.POLICY
     assert reply.reason.startswith("client-0 refuses this run: the data loader draws fixed-size batches of 100")

@@ -47,6 +47,7 @@ class ClientOptions:
     max_physical_batch_size: int | None = None  # this node's GPU memory, whatever the run's batch size
     policy: Path | None = None  # this client's privacy policy (default: the kit's policy.toml)
     secret_env: tuple[str, ...] = ()  # variables that hold secrets (--passphrase-env): no child inherits them
+    processes: int = 1  # local processes per round (clients/local_processes.py): this node's choice
 
 
 def superexec_env(env: dict[str, str]) -> dict[str, str]:
@@ -127,6 +128,8 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             node_config += f" device='{options.device}'"
         if options.max_physical_batch_size:
             node_config += f" max-physical-batch-size={int(options.max_physical_batch_size)}"
+        if options.processes != 1:
+            node_config += f" processes={int(options.processes)}"
         security = (
             ["--insecure"]
             if options.insecure

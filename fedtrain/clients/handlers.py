@@ -33,6 +33,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from fedtrain import protocol
+from fedtrain.clients.local_processes import processes_refusal, train_in_processes
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.clients.update_compression import compress_update
@@ -209,6 +210,26 @@ def _settings(config: Config, context: Context) -> TrainSettings:
         grad_sample_memory_mib=config.training.grad_sample_memory_mib,  # unset: a quarter of this node's device
         precision=config.training.precision,
     )
+
+
+def _processes(session: Session, context: Context, settings: TrainSettings, device: torch.device) -> int:
+    """How many local processes train this node's rounds (`fedtrain client --processes`): the node's own
+    choice, never the server's; it changes nothing the ledger records.
+
+    Raises:
+        FedtrainError: a setting this node cannot run, in one sentence, before anything is trained.
+    """
+    raw = context.node_config.get("processes", 1)
+    try:
+        processes = int(raw)
+    except (TypeError, ValueError):
+        raise FedtrainError(f"processes must be a whole number, not {raw!r}.") from None
+    reason = processes_refusal(processes, len(session.train), settings, device)
+    if reason is None and processes > 1 and session.probe is not None:
+        reason = "an audit's canary client trains in one process; processes must be 1."
+    if reason is not None:
+        raise FedtrainError(reason)
+    return processes
 
 
 def loss_bound(num_classes: int) -> float:
@@ -447,6 +468,9 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     if isinstance(session, Message):
         return session
     plan = session.plan
+    device = _device(config, context)
+    settings = _settings(config, context)
+    processes = _processes(session, context, settings, device)  # a bad setting: refused before anything runs
     sent = protocol.sent_config(msg)
     tuning = plan.trials is not None  # a tuning's trial: its charge covers the trial (_charge_tuning)
     step = None if tuning else LedgerEntry(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -479,25 +503,29 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
     with failing_as("model mismatch"):
         model = _model_for(session, protocol.global_arrays(msg))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    device = _device(config, context)
     metrics: protocol.Metrics = {}
     entries: list[LedgerEntry] = []
     if evaluating:
-        released, entries = _evaluate(session, model, device)
+        # rank processes are forked from this one, and a forked child cannot use CUDA its parent initialised
+        released, entries = _evaluate(session, model, device if processes == 1 else torch.device("cpu"))
         metrics.update({protocol.HELD_OUT_EXAMPLES: len(session.held_out), **released})
     if reason is not None:  # the evaluation fits the budget, the training does not
         log.warning(reason)
         view = session.record(entries) if entries else session.view
         return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(view), session.name, metrics)
 
-    settings = _settings(config, context)
     if protocol.PROXIMAL_MU in sent:  # FedProx
         settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))
     run_ledger = session.view.run_ledger(plan.delta, plan.accountant)  # a copy
     run_ledger.entries += entries  # the evaluation just released, as if an evaluate message had recorded it
     try:
-        result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device, session.task,
-                             planned=step, probe=session.probe)  # fmt: skip
+        if processes > 1:  # the ranks' rank 0 trains `model`; only this process records and replies
+            result = train_in_processes(model, session.train, settings, plan.noise_multiplier, run_ledger, device,
+                                        session.task, step or planned_round(len(session.train), settings,
+                                        plan.noise_multiplier), processes, config.federation.round_timeout)  # fmt: skip
+        else:
+            result = train_round(model, session.train, settings, plan.noise_multiplier, run_ledger, device,
+                                 session.task, planned=step, probe=session.probe)  # fmt: skip
     except PreflightRefusal as refusal:  # before the first step: no training was spent
         log.warning("%s refuses this run: %s", session.name, refusal)
         reason = f"{session.name} refuses this run: {refusal}"

@@ -16,6 +16,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedtrain.clients.data_parallel import Ranks, split_loader
 from fedtrain.clients.grad_sample_mode import (
     GHOST,
     autocast,
@@ -27,6 +28,7 @@ from fedtrain.clients.grad_sample_mode import (
 from fedtrain.components import ClientProbe
 from fedtrain.data import Dataset, Transformed
 from fedtrain.device import manual_seed
+from fedtrain.errors import FedtrainError
 from fedtrain.privacy import preflight
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtrain.privacy.preflight import PrivateSetup
@@ -54,6 +56,21 @@ class TrainSettings:
     def physical_batch(self) -> int:
         """The batch whose per-sample gradients are held at once (the expected Poisson batch, or its chunks)."""
         return self.max_physical_batch_size or self.batch_size
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Where a round's randomness starts: the Poisson sampler's generator and the noise's. Drawn from the
+    OS's CSPRNG (`drawn`); a test fixes them to compare two ways of training on the same samples and
+    noise, and the ranks of one client's round share them (data_parallel.py). Never sent anywhere."""
+
+    sampling: int
+    noise: int
+
+    @classmethod
+    def drawn(cls) -> Seeds:
+        """Fresh seeds from the OS's CSPRNG: neither the sample nor the noise can be predicted."""
+        return cls(secrets.randbits(63), secrets.randbits(63))
 
 
 @dataclass(frozen=True)
@@ -136,21 +153,32 @@ def private_training(
     ledger: PrivacyLedger,
     device: torch.device,
     task: Task,
+    seeds: Seeds | None = None,
+    ranks: Ranks | None = None,
 ) -> PrivateTraining:
     """Opacus's private model, optimizer and Poisson loader for one round over `data`.
 
     Only parameters with `requires_grad` are trained (a frozen backbone stays as it is), and the
     data is read a Poisson batch at a time (with the task's train transform, if any). The
     PrivacyEngine's accountant starts from the ledger's history, so Opacus itself accounts
-    cumulatively.
+    cumulatively. With `ranks` (one of several local processes, torch.distributed initialised), the
+    model is Opacus's DPDDP, the optimizer its DistributedDPOptimizer, and the loader reads this
+    rank's share of each Poisson batch (clients/data_parallel.py).
+
+    Raises:
+        FedtrainError: ghost clipping was chosen for a round split across processes.
     """
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     dataset = Transformed(data, task.train_transform) if task.train_transform is not None else data
     # a map-style dataset (len, items) is all DataLoader and Opacus's Poisson sampler need
+    # Seeded from the OS's CSPRNG (Seeds.drawn), so that neither the sample nor the noise can be predicted.
+    seeds = seeds or Seeds.drawn()
+    sampling_generator = torch.Generator().manual_seed(seeds.sampling)
     loader: DataLoader = DataLoader(
-        TensorItems(dataset), batch_size=settings.batch_size, pin_memory=device.type == "cuda"
-    )
+        TensorItems(dataset), batch_size=settings.batch_size, pin_memory=device.type == "cuda",
+        generator=sampling_generator,  # Opacus's Poisson sampler draws from the loader's generator
+    )  # fmt: skip
     optimizer = torch.optim.SGD(trainable, lr=settings.lr, momentum=settings.momentum)
     with _quiet_opacus():
         engine = PrivacyEngine(accountant="rdp")
@@ -160,11 +188,21 @@ def private_training(
         memory_cap_bytes=memory_cap_bytes(settings.grad_sample_memory_mib), precision=settings.precision,
     )  # fmt: skip
     log.debug("per-sample gradients with Opacus grad_sample_mode=%s on %s", mode, device)
-    # torch's default generator starts from a fixed seed in every process: seed the Poisson
-    # sampler and the noise from the OS's CSPRNG so neither can be predicted.
+    if ranks is not None and mode == GHOST:
+        raise FedtrainError(
+            "ghost clipping (chosen because per-sample gradients would not fit) is not supported in several "
+            "local processes; train with --processes 1 or raise grad_sample_memory_mib."
+        )
+    # torch's default generator starts from a fixed seed in every process: anything else random in a
+    # model (dropout) starts from the OS's CSPRNG too.
     manual_seed(secrets.randbits(63))
     noise_generator = torch.Generator(device=device)
-    noise_generator.manual_seed(secrets.randbits(63))
+    noise_generator.manual_seed(seeds.noise)  # only rank 0's draws are used (Opacus's DistributedDPOptimizer)
+    if ranks is not None:
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+
+        # broadcasts rank 0's parameters; make_private then gives Opacus's DistributedDPOptimizer
+        model = DifferentiallyPrivateDistributedDataParallel(model)
     task_loss = TaskLoss(task)
     made = engine.make_private(
         module=model,
@@ -181,6 +219,8 @@ def private_training(
     private_model, private_optimizer, criterion, private_loader = (
         made if mode == GHOST else (*made[:2], task_loss, made[2])
     )
+    if ranks is not None:
+        private_loader = split_loader(private_loader, sampling_generator, ranks)
     # the preflight checks the plain mean loss; the steps use `criterion` (ghost clipping's wrapper of it)
     setup = PrivateSetup(private_model, private_optimizer, private_loader, task_loss)
     return PrivateTraining(engine, setup, criterion, ghost=mode == GHOST)
@@ -196,19 +236,24 @@ def train_round(
     task: Task | None = None,
     planned: LedgerEntry | None = None,
     probe: ClientProbe | None = None,
+    seeds: Seeds | None = None,
+    ranks: Ranks | None = None,
 ) -> RoundResult:
     """Train `model` in place for one round of DP-SGD and return what it spent.
 
     The DP preflight (privacy/preflight.py) checks the private setup against `planned` (by default
     what `planned_round` computes) before the first step. `probe` is an audit's instrumentation of a
     simulated client (fedtrain/audit), told of the setup after the preflight; never set otherwise.
+    `seeds` start the sampling and the noise (default: drawn from the OS's CSPRNG); `ranks` make this
+    process one rank of a round split across local processes (clients/local_processes.py).
 
     Raises:
         PreflightRefusal: the setup would break the guarantee the ledger records (one sentence).
+        FedtrainError: the setup cannot run split across processes (one sentence).
     """
     task = task or Classification()
     planned = planned or planned_round(len(data), settings, noise_multiplier)
-    training = private_training(model, data, settings, noise_multiplier, ledger, device, task)
+    training = private_training(model, data, settings, noise_multiplier, ledger, device, task, seeds, ranks)
     setup = training.setup
     # Ghost clipping keeps no per-sample gradients to compare: choose_grad_sample_mode took it only after
     # its clipped sum matched hooks' on a probe, so only the sampling, noise and mixing checks apply.
@@ -235,6 +280,10 @@ def train_round(
                 if loss is not None:
                     loss_sum += loss.detach() * len(y)
                     loss_count += len(y)
+    if ranks is not None:  # the round's loss is over every rank's examples
+        counted = torch.stack([loss_sum.float(), torch.tensor(float(loss_count), device=device)])
+        torch.distributed.all_reduce(counted)
+        loss_sum, loss_count = counted[0], int(counted[1].item())
     steps_after = sum(step for *_, step in training.engine.accountant.history)
     rate = setup.loader.batch_sampler.sample_rate  # type: ignore[union-attr]  # Opacus's Poisson sampler
     entry = LedgerEntry(noise_multiplier, rate, steps_after - steps_before)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -160,6 +161,7 @@ class CsvDataset(Dataset):
         self.path, self.offsets, self.columns, self.target_values = path, offsets, feature_columns, targets
         self.class_names = class_names
         self._handle: io.BufferedReader | None = None
+        self._pid = os.getpid()  # the process the handle was opened in
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -168,8 +170,8 @@ class CsvDataset(Dataset):
         return {**self.__dict__, "_handle": None}  # an open file does not travel to another process
 
     def __getitem__(self, index: int) -> Item:
-        if self._handle is None:
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open while the dataset lives
+        if self._handle is None or self._pid != os.getpid():  # a forked process must not share the offset
+            self._handle, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept while it lives
         self._handle.seek(int(self.offsets[index]))
         row = next(csv.reader([self._handle.readline().decode("utf-8")]))
         return np.asarray([float(row[c]) for c in self.columns], dtype=np.float32), self.target_values[index]
