@@ -18,21 +18,32 @@ exists, so an upgrade that moves one fails there, not in a federation. Why each 
   methods with its own state: Flower offers SecAgg+ only as that workflow.
 - checkpoints (server/checkpoint.py) save and restore the server optimizer state of Flower's FedOpt
   family and FedAvgM, held in these attributes.
+- the simulation's message store (simulation.py): Flower 1.42's in-memory LinkState answers a node's
+  `get_message_ins` by scanning and re-validating every stored message, and the Simulation Engine asks
+  it for every node every 0.1 s: nodes x messages checks per pass (8.6 s at 1000 x 1000 on this
+  machine), so 1000 clients all training never finished a round. `IndexedLinkState` keeps each node's
+  undelivered messages and validates only those, with Flower's own checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# ---------------------------------------------------------------- secure aggregation: the legacy workflow
+# secure aggregation: the legacy workflow; simulation: the message store (in_memory_linkstate, NodeStatus)
 from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
+from flwr.server.superlink.linkstate import in_memory_linkstate as _in_memory
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
+from flwr.supercore.constant import NodeStatus
 
 SECAGG_STAGES = ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage")
 
@@ -232,6 +243,154 @@ def set_supernode_polling(idle: float, idle_max: float, growth: float, wait: flo
     loop._pull_and_store_message = pulled
 
 
+# ---------------------------------------------------------------- the simulation's message store
+
+
+_UNREGISTERED = NodeStatus.UNREGISTERED
+_SLACK = 1.0  # seconds: a message this close to expiring, or a node this close to offline, goes to Flower's check
+
+
+class IndexedLinkState(InMemoryLinkState):
+    """Flower's in-memory LinkState with two indexes: each node's stored, undelivered messages in the
+    order they were stored, and every stored message by the time it expires; and `get_message_res`
+    runs Flower's checks only on the messages it has something to return for.
+
+    Flower's `get_message_ins(node)` runs `_check_stored_messages` on every stored message (dropping
+    those expired, or whose nodes left the federation) and then returns the node's undelivered ones.
+    This one runs the same check on the messages that have expired since the last call (in expiry
+    order) and on the node's own undelivered messages, then returns those: the same messages, in the
+    same order, with the same delivery stamps (tests/test_linkstate_index.py runs both side by side).
+    What it does not repeat per call is the federation check of other nodes' messages: a simulation
+    has one federation and no node leaves it, and a node's own messages are still checked before it
+    gets them.
+
+    `validated` counts the messages it checked: one per message delivered, expired or deleted before
+    delivery, however many nodes poll and however often.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._undelivered: dict[int, dict[str, None]] = {}  # node -> message ids (a dict: ordered set)
+        self._expiry: list[tuple[float, str]] = []  # heap of (created_at + ttl, message id)
+        self._facts: dict[str, tuple[int, float, int, int]] = {}  # message id -> (run, expiry, source, destination)
+        self.validated = 0
+
+    def store_message_ins(self, message: Any) -> str | None:
+        with self.lock:
+            message_id = super().store_message_ins(message)
+            stored = self.message_ins_store.get(message_id) if message_id is not None else None
+            if stored is not None and stored is message:  # newly stored (not an id it already held)
+                meta = stored.metadata
+                expires = meta.created_at + meta.ttl
+                self._undelivered.setdefault(meta.dst_node_id, {})[meta.message_id] = None
+                heapq.heappush(self._expiry, (expires, meta.message_id))
+                self._facts[meta.message_id] = (meta.run_id, expires, meta.src_node_id, meta.dst_node_id)
+            return message_id
+
+    def _drop_expired(self) -> None:
+        """Flower's check on every message whose time is up (it deletes the ones still stored)."""
+        current = _in_memory.now().timestamp()
+        while self._expiry and self._expiry[0][0] <= current:
+            _, message_id = heapq.heappop(self._expiry)
+            if message_id in self.message_ins_store:
+                self.validated += 1
+                self._check_stored_messages({message_id})
+
+    def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Any]:
+        if limit is not None and limit < 1:
+            raise AssertionError("`limit` must be >= 1")
+        found: list[Any] = []
+        with self.lock:
+            self._drop_expired()
+            pending = self._undelivered.get(node_id, {})
+            for message_id in list(pending):
+                self.validated += 1
+                self._check_stored_messages({message_id})  # Flower's checks, as Flower runs them
+                message = self.message_ins_store.get(message_id)
+                if message is None or message.metadata.delivered_at != "" or message.metadata.dst_node_id != node_id:
+                    pending.pop(message_id, None)
+                    continue
+                if run_id is None or message.metadata.run_id == run_id:
+                    found.append(message)
+                if limit and len(found) == limit:
+                    break
+            for message in found:
+                pending.pop(message.metadata.message_id, None)
+            if not pending:
+                self._undelivered.pop(node_id, None)
+        delivered_at = _in_memory.now().isoformat()  # as Flower marks them: after the lookup
+        for message in found:
+            message.metadata.delivered_at = delivered_at
+        return found
+
+    def get_message_res(self, message_ids: set[str], run_id: int) -> list[Any]:
+        """Flower's answer for the asked messages that have one now: a reply, or an error reply (message
+        unknown, of another run, expired, its node offline or out of the federation). A message still
+        waiting for its reply gets nothing from Flower either, so it skips Flower's per-message work: a
+        server pulling 1000 outstanding messages often pays for the replies that came, not for all."""
+        with self.lock:
+            current = _in_memory.now().timestamp()
+            answered = {m for m in message_ids if self._has_answer(m, run_id, current)}
+            return super().get_message_res(answered, run_id) if answered else []
+
+    def _has_answer(self, message_id: str, run_id: int, current: float) -> bool:
+        """Whether Flower's get_message_res could return anything for this message now (on doubt: yes)."""
+        facts = self._facts.get(message_id)
+        if facts is None or message_id not in self.message_ins_store:
+            return True  # Flower answers an unknown message with an error reply
+        if message_id in self.message_ins_id_to_message_res_id:
+            return True
+        run, expires, src, dst = facts
+        if run != run_id or expires <= current + _SLACK:
+            return True
+        node = self.nodes.get(dst)
+        if node is None or node.status == _UNREGISTERED or node.online_until is None:
+            return True
+        if node.online_until < current + _SLACK:
+            return True
+        if src != dst:
+            federation = self.run_ids[run].run.federation_id
+            return len(self.federation_manager.filter_nodes({src, dst}, federation)) != 2
+        return False
+
+    def delete_messages(self, message_ins_ids: set[str]) -> None:
+        with self.lock:
+            for message_id in message_ins_ids:
+                message = self.message_ins_store.get(message_id)
+                if message is not None:
+                    self._undelivered.get(message.metadata.dst_node_id, {}).pop(message_id, None)
+                self._facts.pop(message_id, None)
+            super().delete_messages(message_ins_ids)
+
+    def undelivered(self) -> int:
+        """Messages in the node index (stored, not yet delivered)."""
+        with self.lock:
+            return sum(len(ids) for ids in self._undelivered.values())
+
+
+_INDEXED_LOCK = threading.Lock()
+_indexed_users: list[Any] = []  # the factory's class before the first of the calls inside, once per call
+
+
+@contextlib.contextmanager
+def indexed_message_state() -> Iterator[None]:
+    """A Simulation Engine started inside gets an `IndexedLinkState` from Flower's LinkStateFactory
+    (nested or concurrent uses: Flower's class is back when the last one ends)."""
+    from flwr.server.superlink.linkstate import linkstate_factory
+
+    with _INDEXED_LOCK:
+        _indexed_users.append(linkstate_factory.InMemoryLinkState)
+        linkstate_factory.InMemoryLinkState = IndexedLinkState  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        with _INDEXED_LOCK:
+            original = _indexed_users[0]
+            _indexed_users.pop()
+            if not _indexed_users:
+                linkstate_factory.InMemoryLinkState = original  # type: ignore[misc]
+
+
 def run_supernode() -> None:
     from flwr.supernode.cli import flower_supernode
 
@@ -247,12 +406,14 @@ __all__ = [
     "OPTIMIZER_STATE",
     "SECAGG_STAGES",
     "FitIns",
+    "IndexedLinkState",
     "Parameters",
     "SecAggPlusWorkflow",
     "WorkflowKey",
     "WorkflowState",
     "bytes_to_ndarray",
     "parameters_to_ndarrays",
+    "indexed_message_state",
     "launch_accepted",
     "launch_failed",
     "pin_clientapp",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fedtrain.errors import FedtrainError
@@ -22,3 +24,23 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise FedtrainError(f"device {name} is not supported; use auto, cpu, cuda or cuda:N.")
     return device
+
+
+@functools.cache
+def _accelerators() -> bool:
+    """Whether this process could use any device but the CPU (torch's build and this machine)."""
+    for name in ("cuda", "xpu", "mtia"):  # the modules torch.manual_seed seeds (xpu, mtia: torch >= 2.3, 2.4)
+        module = getattr(torch, name, None)
+        if module is not None and module.is_available():
+            return True
+    return torch.backends.mps.is_available() or hasattr(torch, torch._C._get_privateuse1_backend_name())
+
+
+def manual_seed(seed: int) -> None:
+    """`torch.manual_seed(seed)`. Where no accelerator can exist, the CPU generator is the only one it
+    seeds; torch.manual_seed would also queue a lazy seed call for each accelerator module (with a stack
+    trace each, milliseconds deep inside a simulated client) for devices this process cannot start."""
+    if _accelerators():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(int(seed))

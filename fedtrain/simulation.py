@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from fedtrain._flower import indexed_message_state
 from fedtrain.clients.app import build_client_app
 from fedtrain.clients.encryption_mod import ClientKeys
 from fedtrain.components import Components, model_for, outputs_for, task_for
@@ -252,7 +253,8 @@ def run(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = backend_config(config, ray_dir)
     try:
-        with _quiet_flower(verbose):
+        # Flower's message store, indexed per node: unindexed, 1000 clients all training never finish a round
+        with _quiet_flower(verbose), indexed_message_state():
             # Flower's backend starts Ray only when none runs: start it here, retried on a busy machine
             start_ray(backend["init_args"])
             run_simulation(

@@ -94,3 +94,24 @@ def test_the_optimizer_state_attributes_exist() -> None:
     adam, avgm = FedAdam(), FedAvgM(server_momentum=0.9)
     assert hasattr(adam, "m_t") and hasattr(adam, "v_t") and hasattr(avgm, "momentum_vector")
     assert set(_flower.OPTIMIZER_STATE) == {"m_t", "v_t", "momentum_vector"}
+
+
+def test_the_simulation_message_store_names_exist() -> None:
+    """IndexedLinkState overrides these methods of Flower's in-memory state, reads these attributes, and
+    is put in place through the factory module's name for the class; the Simulation Engine still polls
+    every node with `get_message_ins(node_id=..., limit=1)`."""
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate, linkstate_factory
+
+    state = in_memory_linkstate.InMemoryLinkState
+    assert linkstate_factory.InMemoryLinkState in (state, _flower.IndexedLinkState)
+    overridden = ("store_message_ins", "get_message_ins", "get_message_res", "delete_messages")
+    for name in (*overridden, "_check_stored_messages"):
+        assert callable(getattr(state, name)), name
+    assert list(inspect.signature(state.get_message_ins).parameters) == ["self", "node_id", "limit", "run_id"]
+    assert list(inspect.signature(state.get_message_res).parameters) == ["self", "message_ids", "run_id"]
+    init = inspect.getsource(state.__init__)
+    for attribute in ("self.message_ins_store", "self.message_ins_id_to_message_res_id", "self.nodes", "self.lock"):
+        assert attribute in init, attribute
+    assert callable(in_memory_linkstate.now)
+    assert "state.get_message_ins(node_id=node_id, limit=1)" in inspect.getsource(vce_api.add_messages_to_queue)

@@ -38,6 +38,14 @@ CPU = torch.device("cpu")
 CLIP = 0.05  # most samples are clipped, so clipping is part of what is compared
 
 
+@pytest.fixture(autouse=True)
+def _fresh_probe_verdicts() -> None:
+    """Some tests here change Opacus's code midway; a process whose libraries do not change keeps its verdicts."""
+    from fedtrain.clients import grad_sample_mode
+
+    grad_sample_mode._VERDICTS.clear()
+
+
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return torch.rand(BATCH, *SHAPE, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)

@@ -26,6 +26,14 @@ CPU = torch.device("cpu")
 CLIP = 0.05  # small enough that most samples are clipped, so clipping is part of what is compared
 
 
+@pytest.fixture(autouse=True)
+def _fresh_probe_verdicts() -> None:
+    """Some tests here change Opacus's code midway; a process whose libraries do not change keeps its verdicts."""
+    from fedtrain.clients import grad_sample_mode
+
+    grad_sample_mode._VERDICTS.clear()
+
+
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return torch.rand(BATCH, *SHAPE, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
@@ -146,6 +154,8 @@ def test_a_mode_whose_per_sample_gradients_differ_from_hooks_is_not_taken(monkey
     from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
     from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
+    from fedtrain.clients import grad_sample_mode
+
     model = build_model("mlp", SHAPE, CLASSES, seed=0)
     assert choose_grad_sample_mode(model, SHAPE, CPU) == "ew"
 
@@ -153,5 +163,47 @@ def test_a_mode_whose_per_sample_gradients_differ_from_hooks_is_not_taken(monkey
         return call_for_per_sample_grads(self._module, batch_size=x.shape[0], loss_reduction="sum")(x, *args, **kwargs)
 
     monkeypatch.setattr(GradSampleModuleExpandedWeights, "forward", wrong_forward)
+    grad_sample_mode._VERDICTS.clear()  # Opacus's code changed under this process: its verdicts no longer hold
     assert not matches_reference(model, "ew", SHAPE, CPU)
     assert choose_grad_sample_mode(model, SHAPE, CPU) == "hooks"
+
+
+def test_a_probe_verdict_is_reused_only_for_the_same_model(monkeypatch) -> None:
+    """Simulated clients of a round share one process and one global model: the probe runs once for it;
+    changed weights, a changed setting, a frozen parameter, or a hook (which the fingerprint cannot
+    compare) probe again."""
+    from fedtrain.clients import grad_sample_mode
+
+    probed: list[str] = []
+    probe = grad_sample_mode._probe_matches
+
+    def counted(model, mode, *args):
+        probed.append(mode)
+        return probe(model, mode, *args)
+
+    monkeypatch.setattr(grad_sample_mode, "_probe_matches", counted)
+    model = build_model("mlp", SHAPE, CLASSES, seed=0)
+    assert matches_reference(model, "ew", SHAPE, CPU) and matches_reference(model, "ew", SHAPE, CPU)
+    assert matches_reference(build_model("mlp", SHAPE, CLASSES, seed=0), "ew", SHAPE, CPU)  # an equal copy
+    assert len(probed) == 1
+    changed = build_model("mlp", SHAPE, CLASSES, seed=1)
+    assert matches_reference(changed, "ew", SHAPE, CPU) and len(probed) == 2
+    with torch.no_grad():
+        next(changed.parameters())[0, 0] += 1.0
+    matches_reference(changed, "ew", SHAPE, CPU)
+    frozen = build_model("mlp", SHAPE, CLASSES, seed=0)
+    next(frozen.parameters()).requires_grad_(False)
+    matches_reference(frozen, "ew", SHAPE, CPU)
+    matches_reference(model, "hooks", SHAPE, CPU)  # another mode
+    assert len(probed) == 5
+    # the same Linear layers around a different activation: the verdicts differ, and neither is reused
+    swapped = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.PReLU(), nn.Linear(8, CLASSES))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, CLASSES))
+    plain.load_state_dict({k: v for k, v in swapped.state_dict().items() if not k.startswith("2.")})
+    assert not matches_reference(swapped, "ew", SHAPE, CPU) and matches_reference(plain, "ew", SHAPE, CPU)
+    assert len(probed) == 7
+    model[2].register_forward_hook(lambda *_: None)
+    assert grad_sample_mode.model_fingerprint(model) is None
+    matches_reference(model, "ew", SHAPE, CPU)
+    matches_reference(model, "ew", SHAPE, CPU)
+    assert len(probed) == 9

@@ -26,17 +26,20 @@ could let a clipped gradient exceed max_grad_norm by a fraction of a percent.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 from torch import nn
 
+from fedtrain.device import manual_seed
 from fedtrain.errors import FedtrainError
 
 log = logging.getLogger("fedtrain")
@@ -135,13 +138,71 @@ def choose_grad_sample_mode(
     return REFERENCE_MODE
 
 
+_VERDICTS: collections.OrderedDict[Hashable, bool] = collections.OrderedDict()  # probe key -> verdict
+_VERDICTS_KEPT = 16
+
+
 def matches_reference(
     model: nn.Module, mode: str, input_shape: list[int], device: torch.device, precision: str = "fp32"
 ) -> bool:
     """Whether Opacus's `mode` gives every trainable parameter of `model` the per-sample gradients that
     hooks give, on one probe batch (copies of the model are probed: `model` itself is not touched).
     Ghost clipping computes no per-sample gradients: it must give the clipped sum hooks give, with a
-    clipping bound that clips about half the probe's samples."""
+    clipping bound that clips about half the probe's samples.
+
+    The probe is a function of the model (its modules' classes and settings, every parameter and buffer)
+    and nothing else: a process that probed the same model before (simulated clients of one round, which
+    all get the same global model) reuses that verdict (`model_fingerprint`)."""
+    fingerprint = model_fingerprint(model)
+    key = None if fingerprint is None else (mode, tuple(input_shape), str(device), precision, fingerprint)
+    if key is not None and key in _VERDICTS:
+        _VERDICTS.move_to_end(key)
+        return _VERDICTS[key]
+    verdict = _probe_matches(model, mode, input_shape, device, precision)
+    if key is not None:
+        _VERDICTS[key] = verdict
+        while len(_VERDICTS) > _VERDICTS_KEPT:
+            _VERDICTS.popitem(last=False)
+    return verdict
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def model_fingerprint(model: nn.Module) -> Hashable | None:
+    """Everything a module's computation depends on: each submodule's class and plain settings, and the
+    digest of every parameter (with requires_grad) and buffer; None when a module holds anything else
+    (a hook, an object attribute), which this cannot compare."""
+    digest = hashlib.sha256()
+    parts: list[Hashable] = []
+    for name, module in model.named_modules():
+        settings = []
+        for key, value in sorted(vars(module).items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue  # compared below, and by named_modules
+            if isinstance(value, dict):
+                if value:
+                    return None  # a hook (or any other mapping): not comparable
+                continue
+            if not _plain(value):
+                return None
+            settings.append((key, tuple(sorted(map(repr, value))) if isinstance(value, (set, frozenset)) else value))
+        parts.append((name, type(module), repr(settings)))
+    tensors: list[tuple[str, torch.Tensor, bool]] = [(n, t, t.requires_grad) for n, t in model.named_parameters()]
+    tensors += [(n, t, False) for n, t in model.named_buffers()]
+    for name, tensor, trained in tensors:
+        data = tensor.detach().cpu().contiguous()
+        parts.append((name, str(data.dtype), tuple(data.shape), trained))
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return tuple(parts), digest.hexdigest()
+
+
+def _probe_matches(model: nn.Module, mode: str, input_shape: list[int], device: torch.device, precision: str) -> bool:
     probe = torch.rand(PROBE_BATCH, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     reference = _grad_samples(model, REFERENCE_MODE, probe, precision)
     if reference is None:
@@ -179,7 +240,7 @@ def _probing(device: torch.device) -> Iterator[None]:
     devices = [device] if device.type == "cuda" else []
     with warnings.catch_warnings(), torch.random.fork_rng(devices=devices):
         warnings.simplefilter("ignore")
-        torch.manual_seed(0)  # the same dropout masks, if any, in every mode; the caller's RNG is restored
+        manual_seed(0)  # the same dropout masks, if any, in every mode; the caller's RNG is restored
         yield
 
 

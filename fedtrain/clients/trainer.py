@@ -27,6 +27,7 @@ from fedtrain.clients.grad_sample_mode import (
 )
 from fedtrain.components import ClientProbe
 from fedtrain.data import Dataset, Transformed
+from fedtrain.device import manual_seed
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy import preflight
 from fedtrain.privacy.ledger import LedgerEntry, PrivacyLedger
@@ -194,7 +195,7 @@ def private_training(
         )
     # torch's default generator starts from a fixed seed in every process: anything else random in a
     # model (dropout) starts from the OS's CSPRNG too.
-    torch.manual_seed(secrets.randbits(63))
+    manual_seed(secrets.randbits(63))
     noise_generator = torch.Generator(device=device)
     noise_generator.manual_seed(seeds.noise)  # only rank 0's draws are used (Opacus's DistributedDPOptimizer)
     if ranks is not None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
+from fedtrain.device import manual_seed
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy.ledger import LedgerEntry
 
@@ -199,10 +200,10 @@ def mixing_refusal(model: nn.Module, x: torch.Tensor) -> str | None:
     try:
         seed = secrets.randbits(62)
         with torch.no_grad(), _probing(module), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # any randomness left in a user's forward: the same draws for both batches
+            manual_seed(seed)  # any randomness left in a user's forward: the same draws for both batches
             first = module(x)
             before, seen[:] = list(seen), []
-            torch.manual_seed(seed)
+            manual_seed(seed)
             second = module(other)
     finally:
         for handle in handles:
