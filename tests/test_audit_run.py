@@ -80,3 +80,17 @@ def test_bad_audit_options_are_one_sentence_and_create_nothing(
     assert "Traceback" not in err
     assert message in " ".join(err.split())
     assert not run_dir.exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_an_honest_run_passes_its_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same small run with its noise: the bound stays at or below the ledger's epsilon and the command
+    exits 0 (the demo's own audit, 30 rounds, is benchmarks/audit_power.py)."""
+    run_dir = tmp_path / "honest"
+    code, out, err = run_cli(["audit", *SMALL, "--run-dir", str(run_dir)], capsys)
+    assert code == 0, err
+    section = _audited(run_dir)["audit"]
+    assert section["epsilon"] == pytest.approx(1.0, abs=0.05)
+    assert section["epsilon_lower"] <= section["epsilon"]
+
