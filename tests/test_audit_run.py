@@ -93,4 +93,3 @@ def test_an_honest_run_passes_its_audit(tmp_path: Path, capsys: pytest.CaptureFi
     section = _audited(run_dir)["audit"]
     assert section["epsilon"] == pytest.approx(1.0, abs=0.05)
     assert section["epsilon_lower"] <= section["epsilon"]
-
