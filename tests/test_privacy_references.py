@@ -208,3 +208,18 @@ def test_tiny_noise_is_accounted_in_bounded_memory_and_normal_noise_by_prv() -> 
     prv = PRVAccountant()
     prv.history = list(usual)
     assert epsilon(usual, 1e-5, "prv") == pytest.approx(prv.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_a_huge_epsilon_travels_exactly_and_an_infinite_one_is_refused_in_words() -> None:
+    """The client's privacy record carries a tiny-noise epsilon (tens of thousands) unchanged; one reporting
+    inf is refused with what it means."""
+    from fedtrain import protocol
+
+    ledger = PrivacyLedger(delta=1e-5, entries=[LedgerEntry(0.05, 0.125, 80)], accountant="prv")
+    huge = ledger.epsilon()
+    assert 1000 < huge < math.inf
+    back = protocol.read_privacy(protocol.privacy_record(protocol.PrivacyReport("client-0", ledger, huge, huge)))
+    assert back.epsilon == huge and back.lifetime_epsilon == huge
+    record = protocol.privacy_record(protocol.PrivacyReport("client-0", ledger, math.inf, None))
+    with pytest.raises(ValueError, match="infinite epsilon: no privacy guarantee holds"):
+        protocol.read_privacy(record)
