@@ -179,6 +179,8 @@ def read_privacy(record: ConfigRecord) -> PrivacyReport:
     ledger.entries = entries
     eps = number(record[EPSILON])
     lifetime = record.get(LIFETIME_EPSILON)
+    if eps == math.inf:
+        raise ValueError("the client reports an infinite epsilon: no privacy guarantee holds for its data")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"epsilon {eps} is not a finite, non-negative number")
     return PrivacyReport(

@@ -1,5 +1,6 @@
 """`fedtrain audit` end to end, small: a positive control (noise silently removed, the ledger still claiming
-its epsilon) is caught and exits non-zero, and bad options are one sentence. The bound the run records is
+its epsilon) is caught and exits non-zero, an honest run passes (exit 0), an honestly tiny noise shows a large
+bound below its huge accounted epsilon (exit 0), and bad options are one sentence. The bound the run records is
 checked against Clopper-Pearson's (scipy), an independent reference for the epsilon its correct guesses
 prove. The full-size runs (the demo's audit, its positive control at epsilon 3, the tiny-noise power run)
 are benchmarks/audit_power.py (make bench): each is a simulation of minutes."""
@@ -80,3 +81,34 @@ def test_bad_audit_options_are_one_sentence_and_create_nothing(
     assert "Traceback" not in err
     assert message in " ".join(err.split())
     assert not run_dir.exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_an_honest_run_passes_its_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same small run with its noise: the bound stays at or below the ledger's epsilon and the command
+    exits 0 (the demo's own audit, 30 rounds, is benchmarks/audit_power.py)."""
+    run_dir = tmp_path / "honest"
+    code, out, err = run_cli(["audit", *SMALL, "--run-dir", str(run_dir)], capsys)
+    assert code == 0, err
+    section = _audited(run_dir)["audit"]
+    assert section["epsilon"] == pytest.approx(1.0, abs=0.05)
+    assert section["epsilon_lower"] <= section["epsilon"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_tiny_noise_shows_the_audits_power(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An honest but tiny noise (sigma 0.05, 6 rounds, accounted with the default accountant): the accounted epsilon is
+    huge (thousands) and finite, the bound large, several units (660 canaries cap it at 4.96), yet below it:
+    exit 0. The acceptance's own run (the demo, 10 rounds) is benchmarks/audit_power.py."""
+    run_dir = tmp_path / "tiny"
+    # 6 rounds, as SMALL: at 3 rounds about e^-3 of the included canaries are never sampled, and 2 runs of 2
+    # fell to 322 of 330 right (2.89)
+    arguments = ["--clients", "2", "--rounds", "6", "--noise-multiplier", "0.05", "--run-dir", str(run_dir)]
+    code, out, err = run_cli(["audit", *arguments], capsys)
+    assert code == 0, err
+    section = _audited(run_dir)["audit"]
+    assert section["accountant"] == "prv"
+    assert 1000 < section["epsilon"] < math.inf
+    assert 3 <= section["epsilon_lower"] <= section["epsilon"]

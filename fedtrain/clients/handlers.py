@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -285,6 +286,11 @@ class Session:
             return f"{self.name} refuses: the run planned {self.plan.releases} metric releases and has had them all"
         run_ledger = self.view.run_ledger(self.plan.delta, self.plan.accountant)
         cap, projected = self.policy.run_cap(self.config), run_ledger.epsilon(*planned)
+        if not math.isfinite(projected):  # only a noise of 0 has no finite epsilon; a cap of inf would let it by
+            return (
+                f"{self.name} refuses: no finite epsilon would bound this run's privacy loss (the accountant gives "
+                f"{projected}), so its data would have no privacy guarantee"
+            )
         if projected > cap * (1 + 1e-9):
             return (
                 f"{self.name} refuses: this would raise the run's epsilon from {run_ledger.epsilon():.3f} to "

@@ -8,6 +8,7 @@ mechanism, i.e. sample rate 1 and one step. Both accountants compose any mix of 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -23,6 +24,15 @@ if TYPE_CHECKING:  # Opacus imports torch: only what accounts pays for it (clien
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 256, 4))
 RDP_ORDERS += list(range(256, 4097, 64))
 
+# Where Opacus's PRV accountant holds, in its float64 arithmetic and in a client's memory. Its grid spans the
+# privacy loss over [-L, L], L from RDP (remark 5.6 of Gopi et al.), and it takes e^t over that grid
+# (DiscretePRV.compute_epsilon): past t = log(float max) = 709.8 that is inf, and the epsilon it returns inf
+# (sigma 0.05, q 0.2, 8 steps: inf, where RDP's valid bound is 1730). Its memory grows with the grid's points,
+# 2L / mesh (about 290 bytes a point measured: 3.1e6 points took 880 MB; sigma 0.05, q 0.2, 240 steps would be
+# 4.9e8 points, 9-14 GB measured). Beyond either limit the RDP bound, valid too and a few percent larger at such
+# epsilons (hundreds or more), is reported instead.
+PRV_MAX_LOSS = 700.0
+PRV_MAX_POINTS = 2**22
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps), Opacus's history form
 # A tuning (privacy/tuning.py): the best of a random number K ~ D(eta, gamma) of trials, each `steps`
 # steps at (sigma, q): (noise multiplier, sample rate, steps, eta, gamma).
@@ -111,12 +121,59 @@ def _tuned_epsilon(plain: tuple[Mechanism, ...], tunings: tuple[Tuning, ...], de
 def _epsilon(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     """Cached: a client asks for the same composition several times a round (its budget check, its
     report, the other clients of a simulation with the same plan), and PRV takes tenths of a second."""
-    engine = make_accountant(accountant)
-    engine.history = list(history)
+    make_accountant(accountant)  # an unknown name is refused here too
     with warnings.catch_warnings():
         # PRV takes log(1 - q) = log(0) for a q = 1 release on a branch it then discards.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants")
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        if accountant == "rdp":
+        # an optimum at the largest or smallest order only says the bound could be tighter, never that it is wrong
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        if accountant == "rdp" or not _prv_holds(history, delta):
+            engine = make_accountant("rdp")
+            engine.history = list(history)
             return float(engine.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+        engine = make_accountant("prv")
+        engine.history = list(history)
         return float(engine.get_epsilon(delta=delta))
+
+
+def _prv_holds(history: tuple[Mechanism, ...], delta: float) -> bool:
+    """Whether Opacus's PRV accountant can account `history` at `delta`: its grid's half-width stays where e^t
+    is finite in float64 (PRV_MAX_LOSS) and its points within PRV_MAX_POINTS."""
+    half_width, mesh = _prv_domain(history, delta)
+    return half_width <= PRV_MAX_LOSS and 2 * half_width / mesh <= PRV_MAX_POINTS
+
+
+def _prv_domain(history: tuple[Mechanism, ...], delta: float) -> tuple[float, float]:
+    """An upper bound on the half-width L of the grid Opacus's PRV accountant would discretise `history` on, by its
+    own domain rule (Gopi et al.: a safe truncation +-L), and the grid's mesh (eps_error / sqrt(T log(12 /
+    delta_error) / 2)), at get_epsilon's defaults eps_error 0.01, delta_error delta / 1000. L is exact where the
+    cheap bound would not fit PRV's limits."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    eps_error, delta_error = 0.01, delta / 1000
+    total = sum(steps for *_, steps in history)
+    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+    # Opacus takes L from RDP epsilons (of the whole history at delta_error / 4, of one step at
+    # delta_error / 8T). Any single order's classic conversion bounds each from above, cheaply: when
+    # even that bound fits, the exact size (two full RDP accountings, tenths of a second) is not needed.
+    orders = [2.0, 4.0, 8.0, 16.0, 32.0]
+    whole = sum(
+        compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=orders) for sigma, rate, steps in history
+    )
+    bound = min(r + math.log(4 / delta_error) / (a - 1) for r, a in zip(whole, orders, strict=True))
+    for sigma, rate, _ in history:
+        one = compute_rdp(q=rate, noise_multiplier=sigma, steps=1, orders=orders)
+        bound = max(
+            bound, min(r + math.log(8 * total / delta_error) / (a - 1) for r, a in zip(one, orders, strict=True))
+        )
+    half_width = max(bound, eps_error) + 3
+    if half_width <= PRV_MAX_LOSS and 2 * half_width / mesh <= PRV_MAX_POINTS:
+        return half_width, mesh
+    half_width = compute_safe_domain_size(
+        prvs=[PoissonSubsampledGaussianPRV(rate, sigma) for sigma, rate, _ in history],
+        max_self_compositions=[steps for *_, steps in history],
+        eps_error=eps_error,
+        delta_error=delta_error,
+    )
+    return float(half_width), mesh
