@@ -25,12 +25,13 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message
 
-from fedtrain import protocol
+from fedtrain import protocol, training_defaults
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
 from fedtrain.config import Config
@@ -46,6 +47,7 @@ from fedtrain.privacy.ledger import LedgerEntry
 from fedtrain.privacy.lifetime import LedgerStore, RunView
 from fedtrain.privacy.policy import ClientPolicy
 from fedtrain.privacy.releases import Release, exact_means, private_means
+from fedtrain.training_defaults import LocalTraining
 
 log = logging.getLogger("fedtrain")
 _IN_MEMORY = ClientSetup()  # handlers called directly (tests) keep their ledgers here
@@ -141,13 +143,13 @@ def _model_for(config: Config, data: Dataset, arrays: ArrayRecord) -> torch.nn.M
     return model
 
 
-def _settings(config: Config, context: Context) -> TrainSettings:
+def _settings(config: Config, context: Context, local: LocalTraining) -> TrainSettings:
     return TrainSettings(
-        config.training.batch_size,
-        config.training.local_epochs,
-        config.training.lr,
+        local.batch_size,
+        local.local_epochs,
+        local.lr,
         config.training.momentum,
-        config.privacy.max_grad_norm,
+        local.max_grad_norm,
         # a real node may set its own (`fedtrain client --max-physical-batch-size`): its GPU, its memory
         max_physical_batch_size=int(context.node_config.get("max-physical-batch-size", 0))
         or config.training.max_physical_batch_size,
@@ -257,31 +259,54 @@ def _settings_digest(config: Config, records: int) -> str:
 def _plan(
     config: Config, policy: ClientPolicy, train: Dataset, held_out: Dataset, delta: float, digest: str
 ) -> RunPlan:
-    settings = TrainSettings(
-        config.training.batch_size,
-        config.training.local_epochs,
-        config.training.lr,
-        config.training.momentum,
-        config.privacy.max_grad_norm,
-    )
-    step = planned_round(len(train), settings, 1.0)
     private = config.privacy.metrics == "private"
     evaluations = (
         config.federation.rounds if private and config.federation.fraction_evaluate > 0 and len(held_out) else 0
     )
     releases = (config.federation.rounds if private else 0) + evaluations
-    return plan_run(
-        target_epsilon=config.privacy.target_epsilon,
-        noise_multiplier=config.privacy.noise_multiplier,
-        metrics_share=policy.metrics_share,
-        releases=releases,
-        sample_rate=step.sample_rate,
-        steps_per_round=step.steps,
-        rounds=config.federation.rounds,
-        delta=delta,
-        accountant=config.privacy.accountant,
-        settings=digest,
+
+    def plan(
+        sample_rate: float, steps_per_round: int, accountant: str, training: dict[str, Any] | None = None
+    ) -> RunPlan:
+        return plan_run(
+            target_epsilon=config.privacy.target_epsilon,
+            noise_multiplier=config.privacy.noise_multiplier,
+            metrics_share=policy.metrics_share,
+            releases=releases,
+            sample_rate=sample_rate,
+            steps_per_round=steps_per_round,
+            rounds=config.federation.rounds,
+            delta=delta,
+            accountant=accountant,
+            settings=digest,
+            training=training,
+        )
+
+    # the rules compare batch sizes by the noise each would need (RDP: fast, and only a comparison)
+    local = training_defaults.resolve(
+        config, len(train), sigma_for=lambda rate, steps: plan(rate, steps, "rdp").noise_multiplier
     )
+    settings = TrainSettings(local.batch_size, local.local_epochs, local.lr, 0.0, local.max_grad_norm)
+    step = planned_round(len(train), settings, 1.0)
+    if local.chosen:
+        log.info(
+            "local DP-SGD for %d examples: batch %d, %d local epoch(s), lr %.4g, clipping %g (by rule: %s)",
+            len(train), local.batch_size, local.local_epochs, local.lr, local.max_grad_norm, ", ".join(local.chosen),
+        )  # fmt: skip
+    return plan(step.sample_rate, step.steps, config.privacy.accountant, local.to_dict())
+
+
+def local_training(config: Config, plan: RunPlan, num_samples: int) -> LocalTraining:
+    """The local DP-SGD settings of this run, as its plan fixed them. A plan written before clients
+    chose them has only its sample rate and steps: the batch and epochs follow from those."""
+    if plan.training is not None:
+        return LocalTraining.from_dict(plan.training)
+    steps_per_epoch = max(1, round(1 / plan.sample_rate))
+    fixed = config.replace(
+        batch_size=math.ceil(num_samples / steps_per_epoch),
+        local_epochs=max(1, plan.steps_per_round // steps_per_epoch),
+    )
+    return training_defaults.resolve(fixed, num_samples)
 
 
 def open_session(msg: Message, context: Context, config: Config, setup: ClientSetup) -> Session | Message:
@@ -333,7 +358,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
         log.warning(reason)
         return protocol.refusal_reply(msg, reason, protocol.BUDGET, session.report(), session.name)
 
-    settings = _settings(config, context)
+    settings = _settings(config, context, local_training(config, plan, len(session.train)))
     sent = protocol.sent_config(msg)
     if protocol.PROXIMAL_MU in sent:  # FedProx
         settings = dataclasses.replace(settings, proximal_mu=protocol.number(sent[protocol.PROXIMAL_MU]))

@@ -150,7 +150,9 @@ class RunPlan:
 
     `metrics_noise` is None when no metric is released privately (metrics "none" or "plain").
     `settings` is a digest of the run's privacy-relevant settings: a run that changes them midway
-    is refused instead of silently re-planned.
+    is refused instead of silently re-planned. `training` holds the local DP-SGD settings the client
+    chose for the run (batch size, local epochs, learning rate, clipping bound and which of them a rule
+    chose: fedtrain/training_defaults.py); None in plans written before clients chose them.
     """
 
     noise_multiplier: float
@@ -162,6 +164,7 @@ class RunPlan:
     delta: float
     accountant: str
     settings: str
+    training: dict[str, Any] | None = None
 
     def planned_mechanisms(self) -> list[Mechanism]:
         """Everything the run would spend if every round and release happened."""
@@ -187,6 +190,7 @@ class RunPlan:
                 float(data["delta"]),
                 str(data["accountant"]),
                 str(data["settings"]),
+                dict(data["training"]) if data.get("training") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FedtrainError(f"a stored run plan is damaged ({exc}); it cannot be trusted.") from None
@@ -204,6 +208,7 @@ def plan_run(
     delta: float,
     accountant: str,
     settings: str,
+    training: dict[str, Any] | None = None,
 ) -> RunPlan:
     """Calibrate one client's run.
 
@@ -218,6 +223,7 @@ def plan_run(
         delta: the run's delta.
         accountant: "prv" or "rdp".
         settings: digest of the settings the plan is for.
+        training: the local DP-SGD settings chosen for the run, kept with the plan.
 
     Returns:
         The plan.
@@ -241,4 +247,6 @@ def plan_run(
         sigma = noise_for(target_epsilon, delta, sample_rate, steps, accountant, alongside=metrics)
     else:
         sigma = noise_multiplier
-    return RunPlan(sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings)
+    return RunPlan(
+        sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings, training
+    )
