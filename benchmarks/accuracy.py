@@ -13,9 +13,9 @@ learning rate and clipping bound by fedtrain/training_defaults.py's rules. The g
 (GRID, per model family; clipping 1, 30 rounds as the defaults). Run i of every setting uses split and
 initial model seed i, so defaults and grid points see the same splits; DP noise is fresh in every run.
 
-Protocol: every grid point runs once (seed 0); the two best are run `--runs` times in all, and the
-better mean is the grid's best. That mean is an optimistic reference (chosen partly on the same test
-split), so "defaults within 2 points of it" is a strict test. The rules were tuned on other draws of
+Protocol: every grid point runs once (seed 0); the best is run `--runs` times in all, and its mean is
+the grid's best. It is an optimistic reference (chosen on the same test split, its first run the one
+that won), so "defaults within 2 points of it" is a strict test. The rules were tuned on other draws of
 these generators (other seeds) and on digits, never on the draws evaluated here (accuracy_data.py).
 """
 
@@ -46,15 +46,16 @@ TOLERANCE = 0.02  # acceptance: the defaults within 2 points of the grid's best
 SEED = 1000  # of the evaluated draws; the rules were tuned on draws with seeds below 100
 SIZES = {"glyphs": 5000, "shapes": 5000, "tabular": 5000, "cancer": 569}
 CASES = (
-    "glyphs:cnn", "glyphs:logistic", "glyphs:mlp", "shapes:cnn", "shapes:logistic", "shapes:mlp",
-    "tabular:logistic", "tabular:mlp", "cancer:logistic", "cancer:mlp",
-)  # fmt: skip
-# Per family: batch size x learning rate x local epochs, the ranges DP-SGD papers and fedtrain's earlier
-# defaults use (clipping bound 1 throughout: with every gradient clipped only lr * C matters).
+    "glyphs:cnn", "tabular:logistic", "shapes:cnn", "glyphs:logistic", "tabular:mlp", "glyphs:mlp",
+    "shapes:logistic", "shapes:mlp", "cancer:logistic", "cancer:mlp",
+)  # fmt: skip, most telling first: a long run stopped early has those
+# Per family: (batch size, learning rate, local epochs), clipping bound 1 throughout (with every gradient
+# clipped only lr * C matters). Small and large batches, each with a small and a large learning rate:
+# lr / q from 2 to 8 (q = B / N at N = 855), the range over which accuracy moved on the tuning draws.
 GRID = {
-    "logistic": [(b, lr, e) for b in (32, 128) for lr in (0.1, 0.3, 1.0) for e in (2,)],
-    "mlp": [(b, lr, e) for b in (32, 128) for lr in (0.1, 0.3, 1.0) for e in (2,)],
-    "cnn": [(b, lr, e) for b in (32, 128) for lr in (0.1, 0.3, 1.0) for e in (1,)],
+    "logistic": [(32, 0.1, 2), (32, 0.3, 2), (128, 0.3, 2), (128, 1.0, 2)],
+    "mlp": [(32, 0.1, 2), (32, 0.3, 2), (128, 0.3, 2), (128, 1.0, 2)],
+    "cnn": [(32, 0.1, 1), (32, 0.3, 1), (128, 0.3, 1), (128, 1.0, 1)],
 }
 
 
@@ -77,7 +78,7 @@ def case(name: str, data: Path, model: str, runs: int, eps: float, tmp: Path, ke
     for batch, lr, epochs in grid:
         first[(batch, lr, epochs)] = run(data, model, 0, eps, tmp, key, batch_size=batch, lr=lr, local_epochs=epochs)
         print(f"{name}: grid batch {batch} lr {lr} epochs {epochs}: {first[(batch, lr, epochs)]:.3f}", flush=True)
-    finalists = sorted(first, key=first.get, reverse=True)[:2]
+    finalists = sorted(first, key=first.get, reverse=True)[:1]
     means = {}
     for point in finalists:
         batch, lr, epochs = point
@@ -135,8 +136,9 @@ def main() -> int:
     grid = dict(GRID)
     if args.quick:
         cases, runs, sizes["tabular"] = ["tabular:logistic"], 2, 2000
-        grid["logistic"] = [(32, 0.1, 2), (128, 1.0, 2)]
-    results = []
+        grid["logistic"] = [(32, 0.3, 2), (128, 1.0, 2)]
+    results: list[dict] = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         key = write_key_file(tmp / "model.key", generate_key())
@@ -146,10 +148,10 @@ def main() -> int:
             if not data.exists():
                 write(data_name, data, sizes[data_name], SEED)
             results.append(case(name, data, model, runs, args.epsilon, tmp, key, grid[model]))
+            rows = [row(r, args.epsilon) for r in results]
+            if args.json:  # after every case: a long run that is stopped keeps what it measured
+                args.json.write_text(json.dumps({"rows": rows, "results": results}, indent=1) + "\n")
     print_table(results)
-    rows = [row(r, args.epsilon) for r in results]
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "results": results}, indent=1) + "\n")
     return 0 if all(r["passed"] for r in rows) else 1
 
 

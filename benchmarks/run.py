@@ -60,6 +60,7 @@ BENCHMARKS = (
     Benchmark("dp_throughput", DP_SETTINGS, 150),
     Benchmark("encryption_cost", "--rounds 3", 150),
     Benchmark("aggregation", "--quick", 180),
+    Benchmark("accuracy", "--quick", 240),
     Benchmark("simulation_scale", "--clients 10,100", 300, loopback_only=True),
     Benchmark("deployment_overhead", "--rounds 3 --repeats 1", 600, loopback_only=True),
 )

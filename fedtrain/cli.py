@@ -44,13 +44,17 @@ def simulate(
     model: Annotated[str | None, typer.Option(help="logistic, mlp, cnn, or MODULE:FACTORY.")] = None,
     target_epsilon: Annotated[float | None, typer.Option(help="Epsilon for the whole training.")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="Fixed DP-SGD noise multiplier.")] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping bound.")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Per-sample gradient clipping bound (default: by rule, docs/privacy.md).")
+    ] = None,
     delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
     max_epsilon: Annotated[float | None, typer.Option(help="Budget a client never exceeds.")] = None,
     accountant: Annotated[str | None, typer.Option(help="prv (tight, default) or rdp.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate (default: each client's, by rule).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Expected local batch size (default: each client's, by rule).")
+    ] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round (default: by rule).")] = None,
     strategy: Annotated[
         str | None,
         typer.Option(

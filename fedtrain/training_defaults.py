@@ -14,12 +14,14 @@ The rules (docs/privacy.md, "Defaults that carry over", gives the measurements b
 2. Local epochs per round: `LOCAL_EPOCHS[family]`, so a run makes rounds * local_epochs passes over
    the data whatever N is.
 3. Batch size: the smallest expected batch B = N / k (k whole steps per epoch, B at least `MIN_BATCH`)
-   whose noise multiplier, calibrated for the whole run, is at least `SIGMA_TARGET`. Below sigma
-   about 2 the accountant charges more for each step than the asymptotic rate (sigma / (q sqrt(T))
-   constant), so smaller batches would buy more steps with more noise per unit of progress; above
-   it, batch size barely changes the noise of the run (the "linear" regime) and many small steps
-   optimise better. Small N or small epsilon give small batches, large N or large epsilon large ones.
-   The sample rate never exceeds `MAX_SAMPLE_RATE` (inside a client's default policy).
+   whose noise multiplier, calibrated for the whole run with the RDP accountant, is at least
+   `SIGMA_TARGET`. With little noise per step the accountant charges more for each step than its
+   asymptotic rate (epsilon a function of q sqrt(T) / sigma), so smaller batches buy more steps but
+   more noise per unit of progress; above the target the batch hardly changes the noise of the run.
+   Small N or small epsilon give small batches, large N or large epsilon large ones. The sample rate
+   never exceeds `MAX_SAMPLE_RATE` (inside a client's default policy, which refuses q > 0.5). With a
+   fixed noise multiplier instead of a target, epsilon is whatever the batch makes it, and the noise
+   per unit of progress falls with the batch (as sigma / sqrt(q)): the batch is the largest allowed.
 4. Learning rate: lr = `EPOCH_STEP[family]` * q, q = B / N the sample rate. Each epoch then moves the
    model by the same length (lr * steps per epoch = EPOCH_STEP) whatever the batch: the linear scaling
    rule, which keeps the noise a run accumulates per unit of progress fixed when B changes.
@@ -39,7 +41,7 @@ FAMILIES = ("logistic", "mlp", "cnn", "other")
 MAX_GRAD_NORM = 1.0
 LOCAL_EPOCHS = {"logistic": 2, "mlp": 2, "cnn": 1, "other": 1}
 EPOCH_STEP = {"logistic": 4.0, "mlp": 4.0, "cnn": 4.0, "other": 4.0}
-SIGMA_TARGET = 2.0
+SIGMA_TARGET = 3.0
 MIN_BATCH = 16
 MAX_SAMPLE_RATE = 0.25
 SigmaFor = Callable[[float, int], float]  # (sample rate, steps per round) -> the run's noise multiplier
@@ -125,8 +127,8 @@ def _batch_size(num_samples: int, local_epochs: int, config: Config, sigma_for: 
     fewest_steps = max(1, math.ceil(1 / MAX_SAMPLE_RATE))
     if most_steps <= fewest_steps:
         return max(1, math.ceil(num_samples / fewest_steps))
-    if config.privacy.target_epsilon is None or sigma_for is None:  # a fixed noise: nothing to trade
-        return math.ceil(num_samples / most_steps)
+    if config.privacy.target_epsilon is None or sigma_for is None:  # a fixed noise: the largest batch
+        return math.ceil(num_samples / fewest_steps)
 
     def sigma(steps: int) -> float:
         assert sigma_for is not None  # checked above
