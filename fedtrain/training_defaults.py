@@ -14,14 +14,18 @@ The rules (docs/privacy.md, "Defaults that carry over", gives the measurements b
 2. Local epochs per round: `LOCAL_EPOCHS[family]`, so a run makes rounds * local_epochs passes over
    the data whatever N is.
 3. Batch size: the smallest expected batch B = N / k (k whole steps per epoch, B at least `MIN_BATCH`)
-   whose noise multiplier, calibrated for the whole run with the RDP accountant, is at least
-   `SIGMA_TARGET`. With little noise per step the accountant charges more for each step than its
-   asymptotic rate (epsilon a function of q sqrt(T) / sigma), so smaller batches buy more steps but
-   more noise per unit of progress; above the target the batch hardly changes the noise of the run.
-   Small N or small epsilon give small batches, large N or large epsilon large ones. The sample rate
-   never exceeds `MAX_SAMPLE_RATE` (inside a client's default policy, which refuses q > 0.5). With a
-   fixed noise multiplier instead of a target, epsilon is whatever the batch makes it, and the noise
-   per unit of progress falls with the batch (as sigma / sqrt(q)): the batch is the largest allowed.
+   at which the run's target epsilon still calls for a noise multiplier of at least `SIGMA_TARGET`:
+   noise `SIGMA_TARGET` over the whole run (all rounds, the planned metric releases beside it, RDP)
+   spends at least the target, so calibration gives it that much noise or more. With little noise per
+   step the accountant charges more for each step than its asymptotic rate (epsilon a function of
+   q sqrt(T) / sigma), so smaller batches buy more steps but more noise per unit of progress; above
+   the target the batch hardly changes the noise of the run. Checking the target's epsilon at one
+   noise level (one accountant call per batch tried) gives the same batch as calibrating the noise of
+   each (a search of its own per batch), for a tenth of the time. Small N or small epsilon give small
+   batches, large N or large epsilon large ones. The sample rate never exceeds `MAX_SAMPLE_RATE`
+   (inside a client's default policy, which refuses q > 0.5). With a fixed noise multiplier instead of
+   a target, epsilon is whatever the batch makes it, and the noise per unit of progress falls with the
+   batch (as sigma / sqrt(q)): the batch is the largest allowed.
 4. Learning rate: lr = `EPOCH_STEP[family]` * q, q = B / N the sample rate. Each epoch then moves the
    model by the same length (lr * steps per epoch = EPOCH_STEP) whatever the batch: the linear scaling
    rule, which keeps the noise a run accumulates per unit of progress fixed when B changes.
@@ -44,7 +48,8 @@ EPOCH_STEP = {"logistic": 4.0, "mlp": 4.0, "cnn": 4.0, "other": 4.0}
 SIGMA_TARGET = 3.0
 MIN_BATCH = 16
 MAX_SAMPLE_RATE = 0.25
-SigmaFor = Callable[[float, int], float]  # (sample rate, steps per round) -> the run's noise multiplier
+# (noise multiplier, sample rate, steps per round) -> epsilon of the whole run (the client's accounting)
+EpsilonAt = Callable[[float, float, int], float]
 
 
 @dataclass(frozen=True)
@@ -85,15 +90,16 @@ def resolve(
     config: Config,
     num_samples: int,
     *,
-    sigma_for: SigmaFor | None = None,
+    epsilon_at: EpsilonAt | None = None,
 ) -> LocalTraining:
     """The local DP-SGD settings of this client's run: the run's values, and the rules' where it set none.
 
     Args:
         config: the run's config (None in lr, batch_size, local_epochs or max_grad_norm: choose it).
         num_samples: this client's training examples N.
-        sigma_for: `(sample_rate, steps_per_round) -> noise multiplier` of the whole run at that rate
-            (the client's calibration); needed only when the batch size is chosen under a target epsilon.
+        epsilon_at: `(noise_multiplier, sample_rate, steps_per_round) -> epsilon` of the whole run (the
+            client's accounting, metric releases included); needed only when the batch size is chosen
+            under a target epsilon.
 
     Returns:
         The settings, with the names of those a rule chose.
@@ -110,7 +116,7 @@ def resolve(
         local_epochs, chosen = LOCAL_EPOCHS[fam], [*chosen, "local_epochs"]
     batch = training.batch_size
     if batch is None:
-        batch, chosen = _batch_size(num_samples, local_epochs, config, sigma_for), [*chosen, "batch_size"]
+        batch, chosen = _batch_size(num_samples, local_epochs, config, epsilon_at), [*chosen, "batch_size"]
     clip = config.privacy.max_grad_norm
     if clip is None:
         clip, chosen = MAX_GRAD_NORM, [*chosen, "max_grad_norm"]
@@ -121,27 +127,30 @@ def resolve(
     return LocalTraining(batch, local_epochs, lr, clip, tuple(chosen))
 
 
-def _batch_size(num_samples: int, local_epochs: int, config: Config, sigma_for: SigmaFor | None) -> int:
-    """Rule 3: the smallest batch (most steps per epoch) whose noise multiplier reaches SIGMA_TARGET."""
+def _batch_size(num_samples: int, local_epochs: int, config: Config, epsilon_at: EpsilonAt | None) -> int:
+    """Rule 3: the smallest batch (most steps per epoch) whose calibrated noise is at least SIGMA_TARGET."""
     most_steps = max(1, num_samples // MIN_BATCH)  # steps per epoch with the smallest batch
     fewest_steps = max(1, math.ceil(1 / MAX_SAMPLE_RATE))
+    target = config.privacy.target_epsilon
     if most_steps <= fewest_steps:
         return max(1, math.ceil(num_samples / fewest_steps))
-    if config.privacy.target_epsilon is None or sigma_for is None:  # a fixed noise: the largest batch
+    if target is None or epsilon_at is None:  # a fixed noise: the largest batch
         return math.ceil(num_samples / fewest_steps)
 
-    def sigma(steps: int) -> float:
-        assert sigma_for is not None  # checked above
-        return float(sigma_for(1.0 / steps, steps * local_epochs))
+    def reaches(steps: int) -> bool:
+        """Does the target need SIGMA_TARGET or more at this many steps per epoch? (Fewer steps, larger
+        batches: more epsilon at the same noise, so this holds up to some number of steps, then fails.)"""
+        assert epsilon_at is not None and target is not None  # checked above
+        return epsilon_at(SIGMA_TARGET, 1.0 / steps, steps * local_epochs) >= target
 
-    if sigma(most_steps) >= SIGMA_TARGET:
+    if reaches(most_steps):
         return math.ceil(num_samples / most_steps)
-    low, high = fewest_steps, most_steps  # sigma(low) is the largest there is; find the most steps reaching it
-    if sigma(low) < SIGMA_TARGET:
+    low, high = fewest_steps, most_steps  # find the most steps that still reach the target
+    if not reaches(low):
         return math.ceil(num_samples / low)
     while high - low > 1:
         middle = (low + high) // 2
-        if sigma(middle) >= SIGMA_TARGET:
+        if reaches(middle):
             low = middle
         else:
             high = middle

@@ -1,45 +1,56 @@
 """The rules that choose a client's local DP-SGD settings (fedtrain/training_defaults.py), and their
-path into the client's plan."""
+path into the client's plan. The batch rule is checked against Opacus's own noise calibration."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fedtrain import training_defaults as td
+from fedtrain.clients import handlers
 from fedtrain.config import Config
+from fedtrain.data import Dataset
 from fedtrain.errors import FedtrainError
-from fedtrain.privacy.calibration import plan_run
+from fedtrain.privacy.policy import ClientPolicy
+
+DELTA = 1e-5
 
 
-def sigma_for(config: Config, num_samples: int):
-    """The client's calibration (RDP, 60 metric releases as in a default run)."""
+def opacus_epsilon(config: Config):
+    """The whole run's epsilon by Opacus's RDP accountant alone (no metric releases: metrics "none")."""
+    from opacus.accountants import RDPAccountant
 
-    def sigma(rate: float, steps_per_round: int) -> float:
-        return plan_run(
-            target_epsilon=config.privacy.target_epsilon,
-            noise_multiplier=None,
-            metrics_share=0.05,
-            releases=2 * config.federation.rounds,
-            sample_rate=rate,
-            steps_per_round=steps_per_round,
-            rounds=config.federation.rounds,
-            delta=1e-5,
-            accountant="rdp",
-            settings="",
-        ).noise_multiplier
+    def epsilon_at(noise: float, rate: float, steps_per_round: int) -> float:
+        accountant = RDPAccountant()
+        accountant.history = [(noise, rate, steps_per_round * config.federation.rounds)]
+        return float(accountant.get_epsilon(delta=DELTA))
 
-    return sigma
+    return epsilon_at
 
 
-def resolve(num_samples: int, **flat) -> td.LocalTraining:
-    config = Config(**flat).validate()
-    return td.resolve(config, num_samples, sigma_for=sigma_for(config, num_samples))
+def opacus_noise(config: Config, rate: float, steps_per_round: int) -> float:
+    """The noise Opacus calibrates for the run's target epsilon at this rate (independent of fedtrain)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return get_noise_multiplier(
+        target_epsilon=config.privacy.target_epsilon,
+        target_delta=DELTA,
+        sample_rate=rate,
+        steps=steps_per_round * config.federation.rounds,
+        accountant="rdp",
+        epsilon_tolerance=0.005,
+    )
+
+
+def linear_regime(noise: float, rate: float, steps_per_round: int) -> float:
+    """Epsilon proportional to q sqrt(T) / sigma, as the accountant gives for large sigma (fast stand-in)."""
+    return 18.0 * rate * math.sqrt(steps_per_round) / noise
 
 
 def quick(num_samples: int, **flat) -> td.LocalTraining:
-    return td.resolve(Config(**flat).validate(), num_samples, sigma_for=linear_regime)
+    return td.resolve(Config(**flat).validate(), num_samples, epsilon_at=linear_regime)
 
 
 def test_given_values_are_used_as_given() -> None:
@@ -64,44 +75,39 @@ def test_each_family_has_its_rules(model: str) -> None:
     assert local.lr == pytest.approx(td.EPOCH_STEP[fam] * rate)  # the same progress per epoch, whatever B
 
 
-def test_batch_is_the_smallest_whose_noise_reaches_the_target() -> None:
-    """Rule 3: sigma at the chosen batch is at least SIGMA_TARGET (unless the batch is the largest allowed);
-    one more step per epoch would fall below it (unless the batch is the smallest allowed)."""
-    for n, eps in ((300, 3.0), (855, 8.0), (4000, 3.0)):
-        config = Config(target_epsilon=eps).validate()
-        sigma = sigma_for(config, n)
-        local = td.resolve(config, n, sigma_for=sigma)
-        epochs = local.local_epochs
-        steps = td.steps_per_epoch(n, local.batch_size)
-        if 1 / steps < td.MAX_SAMPLE_RATE:
-            assert sigma(1 / steps, steps * epochs) >= td.SIGMA_TARGET
-        if steps < n // td.MIN_BATCH:
-            assert sigma(1 / (steps + 1), (steps + 1) * epochs) < td.SIGMA_TARGET
+def test_a_given_clipping_bound_scales_the_chosen_learning_rate() -> None:
+    """Only lr * C matters once every gradient is clipped: twice the bound, half the rate."""
+    assert quick(800, max_grad_norm=2.0).lr == pytest.approx(quick(800).lr / 2)
 
 
-def linear_regime(rate: float, steps: int) -> float:
-    """sigma proportional to q sqrt(T), as the accountant gives for large sigma (a stand-in, fast)."""
-    return 6.0 * rate * math.sqrt(steps)
+@pytest.mark.parametrize(
+    ("num_samples", "target", "model"), [(300, 3.0, "logistic"), (855, 3.0, "cnn"), (4000, 2.0, "mlp")]
+)
+def test_batch_is_the_smallest_whose_calibrated_noise_reaches_the_target(
+    num_samples: int, target: float, model: str
+) -> None:
+    """Rule 3, checked with Opacus's own calibration: the noise for the target at the chosen batch is at
+    least SIGMA_TARGET (unless the batch is the largest allowed); one more step per epoch, and it is below
+    (unless the batch is the smallest allowed)."""
+    config = Config(target_epsilon=target, metrics="none", model=model).validate()
+    local = td.resolve(config, num_samples, epsilon_at=opacus_epsilon(config))
+    epochs, steps = local.local_epochs, td.steps_per_epoch(num_samples, local.batch_size)
+    tolerance = 0.01  # of Opacus's bisection (its epsilon within 0.005 of the target)
+    assert 1 / steps < td.MAX_SAMPLE_RATE and steps < num_samples // td.MIN_BATCH  # an inner choice: both sides
+    assert opacus_noise(config, 1 / steps, steps * epochs) >= td.SIGMA_TARGET - tolerance
+    assert opacus_noise(config, 1 / (steps + 1), (steps + 1) * epochs) < td.SIGMA_TARGET + tolerance
 
 
 def test_more_examples_or_more_epsilon_give_larger_batches() -> None:
-    config = Config().validate()
-    assert (
-        td.resolve(config, 300, sigma_for=linear_regime).batch_size
-        < td.resolve(config, 4000, sigma_for=linear_regime).batch_size
-    )
-    assert resolve(855, target_epsilon=1.0).batch_size < resolve(855, target_epsilon=8.0).batch_size
+    assert quick(300).batch_size < quick(4000).batch_size
+    assert quick(855, target_epsilon=1.0).batch_size < quick(855, target_epsilon=8.0).batch_size
 
 
-def test_defaults_stay_inside_a_default_client_policy() -> None:
-    """Sample rate at most 0.5 and noise at least 0.5 (privacy/policy.py), for few and many examples."""
-    for n, eps in ((20, 3.0), (100, 10.0), (10_000, 10.0)):
-        config = Config(target_epsilon=eps).validate()
-        sigma = sigma_for(config, n)
-        local = td.resolve(config, n, sigma_for=sigma)
-        steps = td.steps_per_epoch(n, local.batch_size)
-        assert 1 / steps <= 0.5
-        assert sigma(1 / steps, steps * local.local_epochs) >= 0.5
+def test_the_sample_rate_stays_inside_a_default_client_policy() -> None:
+    """At most MAX_SAMPLE_RATE (a default policy refuses more than 0.5), for few examples and large epsilon."""
+    for n, eps in ((20, 3.0), (100, 10.0), (10_000, 1000.0)):
+        local = quick(n, target_epsilon=eps)
+        assert 1 / td.steps_per_epoch(n, local.batch_size) <= td.MAX_SAMPLE_RATE
 
 
 def test_a_fixed_noise_multiplier_takes_the_largest_batch() -> None:
@@ -117,3 +123,19 @@ def test_no_training_example_is_an_error() -> None:
 def test_settings_round_trip_through_the_plan() -> None:
     local = quick(800)
     assert td.LocalTraining.from_dict(local.to_dict()) == local
+
+
+def test_the_clients_plan_keeps_the_chosen_settings_and_its_noise_matches_them() -> None:
+    """handlers._plan: the rules' settings go into the run's plan (and from there to the trainer), and
+    the plan's sample rate and steps are those of the chosen batch and epochs."""
+    rng = np.random.default_rng(0)
+    train = Dataset(rng.normal(size=(500, 4)).astype(np.float32), rng.integers(0, 2, 500), ["a", "b"])
+    held_out = Dataset(train.x[:0], train.y[:0], train.class_names)
+    config = Config(target_epsilon=3.0, metrics="none", accountant="rdp").validate()
+    plan = handlers._plan(config, ClientPolicy(), train, held_out, DELTA, "digest")
+    local = handlers.local_training(config, plan, len(train))
+    assert plan.training is not None and set(local.chosen) == {"batch_size", "local_epochs", "lr", "max_grad_norm"}
+    steps = td.steps_per_epoch(len(train), local.batch_size)
+    assert plan.sample_rate == pytest.approx(1 / steps)
+    assert plan.steps_per_round == steps * local.local_epochs
+    assert plan.noise_multiplier >= td.SIGMA_TARGET - 0.01  # the rule's point: the batch whose noise reaches 3

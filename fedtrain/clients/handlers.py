@@ -41,6 +41,7 @@ from fedtrain.errors import FedtrainError
 from fedtrain.evaluation import per_example
 from fedtrain.models import build_model
 from fedtrain.partition import holdout_split, simulation_shard
+from fedtrain.privacy.accountants import epsilon
 from fedtrain.privacy.calibration import RunPlan, client_delta, plan_run
 from fedtrain.privacy.fingerprint import ShardIdentity, identify
 from fedtrain.privacy.ledger import LedgerEntry
@@ -266,11 +267,15 @@ def _plan(
     releases = (config.federation.rounds if private else 0) + evaluations
 
     def plan(
-        sample_rate: float, steps_per_round: int, accountant: str, training: dict[str, Any] | None = None
+        sample_rate: float,
+        steps_per_round: int,
+        accountant: str,
+        noise: float | None = config.privacy.noise_multiplier,
+        training: dict[str, Any] | None = None,
     ) -> RunPlan:
         return plan_run(
             target_epsilon=config.privacy.target_epsilon,
-            noise_multiplier=config.privacy.noise_multiplier,
+            noise_multiplier=noise,
             metrics_share=policy.metrics_share,
             releases=releases,
             sample_rate=sample_rate,
@@ -282,10 +287,11 @@ def _plan(
             training=training,
         )
 
-    # the rules compare batch sizes by the noise each would need (RDP: fast, and only a comparison)
-    local = training_defaults.resolve(
-        config, len(train), sigma_for=lambda rate, steps: plan(rate, steps, "rdp").noise_multiplier
-    )
+    def run_epsilon(noise: float, sample_rate: float, steps_per_round: int) -> float:
+        """The whole run's epsilon at this noise (RDP: fast, and the rules only compare batch sizes)."""
+        return epsilon(plan(sample_rate, steps_per_round, "rdp", noise).planned_mechanisms(), delta, "rdp")
+
+    local = training_defaults.resolve(config, len(train), epsilon_at=run_epsilon)
     settings = TrainSettings(local.batch_size, local.local_epochs, local.lr, 0.0, local.max_grad_norm)
     step = planned_round(len(train), settings, 1.0)
     if local.chosen:
@@ -293,7 +299,7 @@ def _plan(
             "local DP-SGD for %d examples: batch %d, %d local epoch(s), lr %.4g, clipping %g (by rule: %s)",
             len(train), local.batch_size, local.local_epochs, local.lr, local.max_grad_norm, ", ".join(local.chosen),
         )  # fmt: skip
-    return plan(step.sample_rate, step.steps, config.privacy.accountant, local.to_dict())
+    return plan(step.sample_rate, step.steps, config.privacy.accountant, training=local.to_dict())
 
 
 def local_training(config: Config, plan: RunPlan, num_samples: int) -> LocalTraining:
