@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(BIN)/ruff check fedtrain tests
 	$(BIN)/mypy
-	scripts/loopback-only $(BIN)/python -m pytest --durations=12
+	scripts/loopback-only $(BIN)/python -m pytest -n 2 --dist loadfile --durations=25 -rfE
 
 # Every benchmark with small settings, one table of verdicts (benchmarks/run.py); under 15 minutes on 2 cores.
 bench: install

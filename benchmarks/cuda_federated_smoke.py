@@ -32,7 +32,7 @@ from fedtrain.data import load_source  # noqa: E402
 from fedtrain.device import resolve_device  # noqa: E402
 from fedtrain.evaluation import evaluate  # noqa: E402
 from fedtrain.models import build_model  # noqa: E402
-from fedtrain.partition import holdout_split, simulation_shard, simulation_test_set  # noqa: E402
+from fedtrain.data.partition import holdout_split, simulation_shard, simulation_test_set  # noqa: E402
 from fedtrain.privacy.calibration import calibrate_noise, client_delta  # noqa: E402
 from fedtrain.privacy.ledger import PrivacyLedger  # noqa: E402
 

@@ -3,6 +3,7 @@
     python benchmarks/dp_throughput.py --device cuda --model cnn --input 28 --steps 50
     python benchmarks/dp_throughput.py --device cpu --steps 5 --json /tmp/dp_cpu.json
     python benchmarks/dp_throughput.py --modes fedtrain     # non-private and fedtrain's choice only
+    python benchmarks/dp_throughput.py --device cuda --model resnet18gn --batch 64   # benchmarks/large_models.py
 
 Synthetic data only (random images, fixed seed): nothing is downloaded. Every run trains a fresh
 copy of the same fedtrain model on the same batches, so the modes compare like with like.
@@ -33,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode  # noqa: E402
 from fedtrain.models import build_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from large_models import MODELS as LARGE_MODELS  # noqa: E402
+
 NUM_CLASSES = 10
 MODES = ("hooks", "functorch", "ew", "ghost")  # Opacus 1.6 grad_sample_mode values for one process
 FEDTRAIN = "fedtrain"  # in --modes: the mode fedtrain's trainer chooses for this model and device
@@ -43,8 +47,8 @@ DISTINCT_BATCHES = 4  # a few distinct batches, cycled: enough variety, little m
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--model", default="cnn", choices=("cnn", "mlp", "logistic"))
-    p.add_argument("--input", type=int, default=28, help="image side (1 channel, 10 classes)")
+    p.add_argument("--model", default="cnn", choices=("cnn", "mlp", "logistic", *LARGE_MODELS))
+    p.add_argument("--input", type=int, default=28, help="image side (1 channel, 10 classes; not for large models)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN autotune, hooks)")
@@ -70,15 +74,20 @@ def make_loader(args: argparse.Namespace) -> DataLoader:
     """
     gen = torch.Generator().manual_seed(0)
     n = args.batch * DISTINCT_BATCHES
-    x = torch.rand(n, 1, args.input, args.input, generator=gen)
+    x = torch.rand(n, *input_shape(args), generator=gen)
     y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
     pin = torch.device(args.device).type == "cuda"  # page-locked memory makes non_blocking copies real
     return DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False, drop_last=True, pin_memory=pin)
 
 
+def input_shape(args: argparse.Namespace) -> list[int]:
+    return LARGE_MODELS[args.model][1] if args.model in LARGE_MODELS else [1, args.input, args.input]
+
+
 def fresh_model(args: argparse.Namespace) -> nn.Module:
     # Same seed every time: each mode starts from identical weights.
-    return build_model(args.model, [1, args.input, args.input], NUM_CLASSES, seed=0)
+    spec = LARGE_MODELS[args.model][0] if args.model in LARGE_MODELS else args.model
+    return build_model(spec, input_shape(args), NUM_CLASSES, seed=0)
 
 
 def sync(device: torch.device) -> None:
@@ -153,6 +162,15 @@ def samples_per_s(steps: dict[str, Callable[[], None]], device, args) -> dict[st
     return {name: args.steps * args.batch / seconds for name, seconds in best.items()}
 
 
+def _reset_peak(device: torch.device) -> int:
+    """Start counting a mode's peak memory (cuda); what is allocated before it."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as info:
@@ -175,29 +193,51 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (in warm-up)
     loader = make_loader(args)
-    chosen = choose_grad_sample_mode(fresh_model(args), [1, args.input, args.input], device)
+    chosen = choose_grad_sample_mode(fresh_model(args), input_shape(args), device)
     requested = [chosen if m.strip() == FEDTRAIN else m.strip() for m in args.modes.split(",") if m.strip()]
     modes = list(dict.fromkeys([*requested, chosen]))  # fedtrain's choice is always measured, once
     steps: dict[str, Callable[[], None]] = {"non-private": non_private(loader, device, args)}
     errors: dict[str, str] = {}
+    peaks: dict[str, float] = {}  # cuda: the most memory a mode's set-up and first step added (MiB)
     with warnings.catch_warnings():
         # Known-harmless: no torchcsprng (secure RNG), and hooks firing on the first layer.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        for mode in modes:
+        for mode in ["non-private", *modes]:
+            before = _reset_peak(device)
             try:
-                steps[mode] = private(mode, loader, device, args)
+                if mode != "non-private":
+                    steps[mode] = private(mode, loader, device, args)
                 steps[mode]()  # a mode that cannot train this model fails here, not in the timing
-            except Exception as exc:  # an unsupported layer/mode is a result, not a crash
+            except Exception as exc:  # an unsupported layer/mode (or out of memory) is a result, not a crash
                 errors[mode] = short_reason(exc)
                 steps.pop(mode, None)
+            if device.type == "cuda":
+                peaks[mode] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                torch.cuda.empty_cache()
         speeds = samples_per_s(steps, device, args)
     base = speeds["non-private"]
-    rows = [{"mode": "non-private", "samples_per_s": base, "ratio": 1.0, "error": None}]
+    rows = [
+        {
+            "mode": "non-private",
+            "samples_per_s": base,
+            "ratio": 1.0,
+            "error": None,
+            "peak_mib": peaks.get("non-private"),
+        }
+    ]
     for mode in modes:
         speed = speeds.get(mode)
         ratio = speed / base if speed else None
-        rows.append({"mode": mode, "samples_per_s": speed, "ratio": ratio, "error": errors.get(mode)})
+        rows.append(
+            {
+                "mode": mode,
+                "samples_per_s": speed,
+                "ratio": ratio,
+                "error": errors.get(mode),
+                "peak_mib": peaks.get(mode),
+            }
+        )
     working = [r for r in rows[1:] if r["samples_per_s"]]
     fastest = max(working, key=lambda r: r["samples_per_s"])["mode"] if working else None
     fedtrain_row = next(r for r in rows[1:] if r["mode"] == chosen)
@@ -208,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "model": args.model,
-        "input": [1, args.input, args.input],
+        "input": input_shape(args),
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -255,7 +295,8 @@ def print_table(report: dict) -> None:
         f"torch {report['torch']}, opacus {report['opacus']}"
     )
     target = report["target_ratio"]
-    print(f"{'mode':<12} {'samples/s':>11} {'vs non-private':>15}  {'target >= ' + str(target) if target else ''}")
+    verdicts = f"target >= {target}" if target else ""
+    print(f"{'mode':<12} {'samples/s':>11} {'vs non-private':>15} {'peak MiB':>9}  {verdicts}")
     for r in report["results"]:
         if r["error"]:
             print(f"{r['mode']:<12} unsupported: {r['error']}")
@@ -265,7 +306,8 @@ def print_table(report: dict) -> None:
             verdict = "meets" if r["ratio"] >= target else "below"
         marks = [("fastest DP mode", report["fastest_dp_mode"]), ("fedtrain's choice", report["fedtrain_mode"])]
         mark = "".join(f"  <- {label}" for label, mode in marks if r["mode"] == mode)
-        print(f"{r['mode']:<12} {r['samples_per_s']:>11.1f} {r['ratio']:>14.2f}x  {verdict}{mark}")
+        peak = f"{r['peak_mib']:9.0f}" if r.get("peak_mib") is not None else f"{'-':>9}"  # cuda only
+        print(f"{r['mode']:<12} {r['samples_per_s']:>11.1f} {r['ratio']:>14.2f}x {peak}  {verdict}{mark}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# fedtrain on an NVIDIA GPU, in under 5 minutes: versions, DP-SGD throughput on cuda vs cpu,
-# and one short federated DP training on cuda.
+# fedtrain on an NVIDIA GPU, in under 10 minutes: versions, DP-SGD throughput on cuda vs cpu,
+# one short federated DP training on cuda, and real model shapes (benchmarks/large_models.py: a
+# ResNet-18 with GroupNorm on 32x32x3, a small transformer encoder): DP throughput vs non-private and
+# peak memory per Opacus mode, and a 2-round federated run of the ResNet on cuda.
 #
 #   PYTHON=python3 OUT=/tmp bash benchmarks/gpu_check.sh      (from the repo root)
+#   DEVICE=cpu GPU_STEPS=1 LARGE_BATCH=4 LARGE_SAMPLES=120 LIMIT=900 bash benchmarks/gpu_check.sh
+#       (no GPU: the same steps on the CPU, tiny, to prove the script works; the GPU/CPU step is skipped)
 #
 # Everything printed also goes to $OUT/gpu_check.log (default /tmp). A failing step is reported
 # and the others still run; the exit status is 1 if any step failed.
@@ -14,6 +18,10 @@ PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-/tmp}"
 GPU_STEPS="${GPU_STEPS:-50}"   # timed steps per mode (best of 3 blocks); seconds in all on a GPU
 CPU_STEPS="${CPU_STEPS:-8}"    # the CPU is 10-50x slower: fewer steps keep it near half a minute
+DEVICE="${DEVICE:-cuda}"       # cpu: run every "cuda" step on the CPU instead (proof that the script works)
+LARGE_BATCH="${LARGE_BATCH:-64}"      # the large models' batch (ResNet-18's per-sample gradients: 45 MB each)
+LARGE_SAMPLES="${LARGE_SAMPLES:-2000}"  # synthetic samples of the large models' federated run
+LIMIT="${LIMIT:-100}"          # seconds per step (the large models' steps get 3x)
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 FAILED=()
@@ -81,27 +89,34 @@ EOF
 
 federated() {
     if "$PY" -c "import ray, flwr.simulation" 2>/dev/null; then
-        echo "Ray and Flower import: fedtrain simulate on cuda"
+        echo "Ray and Flower import: fedtrain simulate on $DEVICE"
         # Its model key and run directory go under $OUT, never into the user's ~/.fedtrain.
-        FEDTRAIN_HOME="$OUT_DIR/fedtrain-home" "$PY" -m fedtrain.cli simulate --device cuda --rounds 3 --clients 3 \
+        FEDTRAIN_HOME="$OUT_DIR/fedtrain-home" "$PY" -m fedtrain.cli simulate --device "$DEVICE" --rounds 3 --clients 3 \
             --target-epsilon 3 --model cnn --run-dir "$OUT_DIR/gpu-sim-$(date +%s)"
     else
         echo "Ray (or Flower) does not import: in-process federated DP loop instead (no Simulation Engine)"
-        "$PY" benchmarks/cuda_federated_smoke.py --device cuda --rounds 3 --clients 3 --target-epsilon 3 --model cnn
+        "$PY" benchmarks/cuda_federated_smoke.py --device "$DEVICE" --rounds 3 --clients 3 --target-epsilon 3 --model cnn
     fi
 }
 
 main() {
     echo "fedtrain GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(hostname), repo $(pwd)"
     step "versions" 60 versions
-    step "DP throughput on cuda" 100 "$PY" benchmarks/dp_throughput.py --device cuda --model cnn --input 28 \
-        --steps "$GPU_STEPS" --json "$OUT_DIR/dp_throughput_cuda.json"
-    step "DP throughput on cpu" 100 "$PY" benchmarks/dp_throughput.py --device cpu --model cnn --input 28 \
+    step "DP throughput on $DEVICE" "$LIMIT" "$PY" benchmarks/dp_throughput.py --device "$DEVICE" --model cnn \
+        --input 28 --steps "$GPU_STEPS" --json "$OUT_DIR/dp_throughput_cuda.json"
+    step "DP throughput on cpu" "$LIMIT" "$PY" benchmarks/dp_throughput.py --device cpu --model cnn --input 28 \
         --steps "$CPU_STEPS" --json "$OUT_DIR/dp_throughput_cpu.json"
-    if [ -f "$OUT_DIR/dp_throughput_cuda.json" ] && [ -f "$OUT_DIR/dp_throughput_cpu.json" ]; then
+    if [ "$DEVICE" != cpu ] && [ -f "$OUT_DIR/dp_throughput_cuda.json" ] && [ -f "$OUT_DIR/dp_throughput_cpu.json" ]; then
         step "GPU/CPU speed-up per mode" 30 speedups
     fi
-    step "federated DP training on cuda" 100 federated
+    step "federated DP training on $DEVICE" "$LIMIT" federated
+    for model in resnet18gn transformer; do
+        step "DP throughput and peak memory, $model on $DEVICE" $((3 * LIMIT)) "$PY" benchmarks/dp_throughput.py \
+            --device "$DEVICE" --model "$model" --batch "$LARGE_BATCH" --steps "$GPU_STEPS" --warmup 1 \
+            --json "$OUT_DIR/dp_throughput_$model.json"
+    done
+    step "2-round federated DP training, resnet18gn on $DEVICE" $((3 * LIMIT)) "$PY" benchmarks/large_models.py \
+        --model resnet18gn --device "$DEVICE" --samples "$LARGE_SAMPLES" --batch "$LARGE_BATCH"
     echo
     if [ "${#FAILED[@]}" -gt 0 ]; then
         printf "GPU CHECK FAILED:"; printf " [%s]" "${FAILED[@]}"; echo
@@ -116,6 +131,6 @@ if [ ! -f benchmarks/dp_throughput.py ]; then
 fi
 rm -f "$OUT_DIR/dp_throughput_cuda.json" "$OUT_DIR/dp_throughput_cpu.json"  # no stale numbers
 export -f step versions speedups federated
-export PY OUT_DIR
+export PY OUT_DIR DEVICE
 export PYTHONUNBUFFERED=1  # keep the log in order and live through tee
 main 2>&1 | tee "$LOG"

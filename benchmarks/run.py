@@ -61,8 +61,11 @@ BENCHMARKS = (
     Benchmark("encryption_cost", "--rounds 3", 150),
     Benchmark("aggregation", "--quick", 180),
     Benchmark("accuracy", "--quick", 240),
+    Benchmark("large_payload", "", 240),  # a 1 GB update: the issue's size, no smaller setting
     Benchmark("simulation_scale", "--clients 10,100", 300, loopback_only=True),
-    Benchmark("deployment_overhead", "--rounds 3 --repeats 1", 600, loopback_only=True),
+    Benchmark("deployment_overhead", "--rounds 3 --repeats 3", 600, loopback_only=True),
+    # the audit's power and its positive control (issue 20); the demo's own audit: benchmarks/audit_power.py
+    Benchmark("audit_power", "--only control,tiny", 840),
 )
 
 

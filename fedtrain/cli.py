@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from fedtrain.errors import FedtrainError, find_fedtrain_error
-from fedtrain.run_report import earlier_rows, fmt, print_failures, print_summary, round_table
+from fedtrain.run_report import earlier_rows, fmt, print_audit, print_failures, print_summary, round_table
+
+if TYPE_CHECKING:
+    from fedtrain.config import Config
 
 app = typer.Typer(
     add_completion=False,
@@ -25,6 +31,10 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
+# "\\[" keeps rich's help formatter from reading [track] as markup
+TRACK_HELP = "Also log every round to mlflow or tensorboard (repeat for both; pip install 'fedtrain\\[track]')."
+MLFLOW_URI_HELP = "MLflow's store: a folder (default ./mlruns) or an MLflow tracking URI."
+EXIT_BROKEN_GUARANTEE = 3  # fedtrain audit: the lower bound on epsilon is above the accounted epsilon
 
 
 def _new_run_dir(run_dir: str | None) -> Path:
@@ -79,6 +89,9 @@ def simulate(
         bool | None,
         typer.Option("--secure-aggregation", help="SecAgg+: the server learns only the sum of the updates."),
     ] = None,
+    compression: Annotated[
+        str | None, typer.Option(help="Updates sent as none, int8, int4 or topk (after DP: no privacy cost).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Where to keep the run (default runs/<time>).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
@@ -98,59 +111,187 @@ def simulate(
     policy: Annotated[
         Path | None, typer.Option(help="A client privacy policy (TOML) every simulated client applies.")
     ] = None,
+    track: Annotated[list[str] | None, typer.Option(help=TRACK_HELP)] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help=MLFLOW_URI_HELP)] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Train on Flower's Simulation Engine: the dataset split into N private shards, DP-SGD on each."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume", "policy")}
-    from fedtrain import simulation
+    from fedtrain import api
     from fedtrain.config import resolve
     from fedtrain.privacy.policy import ClientPolicy
-    from fedtrain.security.keys import load_model_key
-    from fedtrain.strategies import make_strategy
 
     if resume is not None:
         config, overrides["run_dir"] = _resumed_config(resume, config, run_dir), str(resume)
     resolved = resolve(config, overrides)
-    make_strategy(resolved)  # a bad strategy or parameter fails before a run directory exists
     client_policy = ClientPolicy.load(policy) if policy is not None else None
-    path = resume if resume is not None else _new_run_dir(resolved.deployment.run_dir)
-    prepared = simulation.prepare(resolved)  # data, model, device: checked before a key or anything is created
-    model_key = load_model_key(resolved.deployment.key_file, create_local=resume is None)
-    resolved = resolved.replace(run_dir=str(path), key_file=str(model_key.path) if model_key.path else None)
-    console.print(f"model key: {model_key.source} (key id {model_key.key_id}); keep it to open the model.")
-    if resume is not None:
-        from fedtrain.server.checkpoint import preflight
+    rows: list[dict[str, Any]] = earlier_rows(resume) if resume is not None else []
 
-        done = preflight(resolved)
-        console.print(f"run directory: {path} (resuming after round {done} of {resolved.federation.rounds})")
-    else:
-        console.print(f"run directory: {path}")
+    def run(on_round: RoundCallback, announce: Callable[[str], None]) -> Path:
+        result = api.run(resolved, policy=client_policy, on_round=on_round, verbose=verbose,
+                         resume=resume is not None, announce=announce)  # fmt: skip
+        return result.run_dir
 
-    rows: list[dict[str, Any]] = earlier_rows(path) if resume is not None else []
+    print_summary(console, _with_round_table(resolved, rows, run), rows)
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _with_round_table(resolved: Config, rows: list[dict[str, Any]],
+                      run: Callable[[RoundCallback, Callable[[str], None]], Path]) -> Path:  # fmt: skip
+    """Run a simulation with its live table of rounds; on failure, the rounds' failures before the error."""
     client_level = resolved.privacy.central_dp != "off"
-    with Live(
-        round_table(rows, resolved.federation.rounds, client_level), console=console, refresh_per_second=4
-    ) as live:
+    live = Live(round_table(rows, resolved.federation.rounds, client_level), console=console, refresh_per_second=4)
 
-        def on_round(row: dict[str, Any]) -> None:
-            rows.append(row)
-            live.update(round_table(rows, resolved.federation.rounds, client_level))
+    def announce(text: str) -> None:  # where the key and the run are: said before the table starts
+        console.print(text, highlight=False)
+        if text.startswith("run directory"):
+            live.start()
 
-        try:
-            simulation.run(
-                resolved,
-                on_round=on_round,
-                verbose=verbose,
-                resume=resume is not None,
-                policy=client_policy,
-                prepared=prepared,
-            )
-        except FedtrainError:
-            live.stop()
-            print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
-            raise
+    def on_round(row: dict[str, Any]) -> None:
+        rows.append(row)
+        live.update(round_table(rows, resolved.federation.rounds, client_level))
+
+    try:
+        run_dir = run(on_round, announce)
+    except FedtrainError:
+        live.stop()
+        print_failures(console, rows)  # what went wrong in which round, before the sentence that stops the run
+        raise
+    live.stop()
     console.print()
-    print_summary(console, path, rows)
+    return run_dir
+
+
+def audit(**options: Any) -> None:
+    """Audit a simulated run: canaries in one client's data bound epsilon from below, beside the accounted one.
+
+    Takes every option of `simulate` but --resume. Exits 3, with one sentence, when the lower bound is above
+    the accounted epsilon: the privacy guarantee is broken."""
+    from fedtrain.audit import audit as run_audit
+    from fedtrain.config import resolve
+    from fedtrain.privacy.policy import ClientPolicy
+
+    kind, m, confidence = options.pop("canary_kind"), options.pop("canaries"), options.pop("confidence")
+    positive_control, verbose = options.pop("positive_control"), options.pop("verbose")
+    config, policy = options.pop("config"), options.pop("policy")
+    resolved = resolve(config, options)
+    client_policy = ClientPolicy.load(policy) if policy is not None else None
+    if positive_control:
+        console.print("[bold yellow]POSITIVE CONTROL:[/] client-0 trains WITHOUT noise while its ledger records it; "
+                      "this run's model is not private, and the audit must catch it.")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    found: list[Any] = []
+
+    def run(on_round: RoundCallback, announce: Callable[[str], None]) -> Path:
+        found.append(run_audit(resolved, kind=kind, canaries=m, confidence=confidence,
+                               positive_control=positive_control, policy=client_policy, on_round=on_round,
+                               verbose=verbose, announce=announce))  # fmt: skip
+        return found[0].run_dir
+
+    print_summary(console, _with_round_table(resolved, rows, run), rows)
+    print_audit(console, found[0])
+    if found[0].broken:
+        errors.print(f"[bold red]error:[/] {found[0].verdict()}.", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BROKEN_GUARANTEE)
+
+
+def _audit_options(
+    canaries: Annotated[
+        int | None, typer.Option(help="Canaries in client-0's data (default 1000, at most the model's values).")
+    ] = None,
+    canary_kind: Annotated[
+        str, typer.Option(help="gradient (white-box: the updates client-0 sends) or input (black-box: the model).")
+    ] = "gradient",
+    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
+    positive_control: Annotated[
+        bool,
+        typer.Option("--positive-control", help="The audit's control: client-0 trains without noise (not private)."),
+    ] = False,
+) -> None:
+    """The options `audit` adds to `simulate`'s."""
+
+
+def _audit_signature() -> inspect.Signature:
+    """simulate's options (but --resume) and the audit's own: one list of options to keep, not two."""
+    shared = [p for name, p in inspect.signature(simulate, eval_str=True).parameters.items() if name != "resume"]
+    own = list(inspect.signature(_audit_options, eval_str=True).parameters.values())
+    return inspect.Signature([*shared, *own])
+
+
+audit.__signature__ = _audit_signature()  # type: ignore[attr-defined]
+audit.__annotations__ = {p.name: p.annotation for p in audit.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command(name="audit")(audit)
+
+
+@app.command()
+def tune(
+    data: Annotated[str | None, typer.Option(help="Dataset file/folder to split into shards, or 'digits'.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of simulated clients.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds of each trial.")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid or dirichlet.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more skew).")] = None,
+    model: Annotated[str | None, typer.Option(help="logistic, mlp, cnn, or MODULE:FACTORY.")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="Epsilon of the whole tuning and training.")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Centre of the learning rates searched (x1/4 to x4; default: each client's rule)."),
+    ] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Centre of the clipping bounds searched (x1/2 to x2; default: the rule's).")
+    ] = None,
+    lr_values: Annotated[str | None, typer.Option(help="Learning rates to search, comma-separated.")] = None,
+    clip_values: Annotated[str | None, typer.Option(help="Clipping bounds to search, comma-separated.")] = None,
+    expected_trials: Annotated[float, typer.Option(help="Mean of the random number of trials.")] = 8.0,
+    eta: Annotated[float, typer.Option(help="Shape of the trial count: 0 logarithmic (cheapest), 1 geometric.")] = 0.0,
+    batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Aggregation strategy (docs/strategies.md).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with any of these options.")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Where to keep the chosen run (default runs/<time>).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for splits and the initial model.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    key_file: Annotated[str | None, typer.Option(help="Model key file (default: fedtrain's key store).")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="A client privacy policy (TOML) every simulated client applies.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own log lines.")] = False,
+) -> None:
+    """Tune the learning rate and clipping bound privately: the best of a secret, random number of
+    simulated trials, its price (Papernot and Steinke) on every client's ledger."""
+    given = dict(locals())
+    skip = ("config", "verbose", "policy", "lr_values", "clip_values", "expected_trials", "eta")
+    overrides = {k: v for k, v in given.items() if k not in skip}
+    from fedtrain.config import resolve
+    from fedtrain.privacy.policy import ClientPolicy
+    from fedtrain.tuning import SearchSpace
+    from fedtrain.tuning import tune as run_tuning
+
+    resolved = resolve(config, overrides)
+    around = SearchSpace.around(resolved)
+    space = SearchSpace(
+        _numbers(lr_values, "--lr-values") if lr_values else around.lr,
+        _numbers(clip_values, "--clip-values") if clip_values else around.max_grad_norm,
+        # values given on the command line are used as given; the others scale each client's rule
+        tuple(
+            n for n, given in (("lr", lr_values), ("max_grad_norm", clip_values)) if n in around.scaled and not given
+        ),
+    )
+    client_policy = ClientPolicy.load(policy) if policy is not None else None
+    started = time.monotonic()
+    result = run_tuning(resolved, expected_trials=expected_trials, eta=eta, space=space, policy=client_policy,
+                        announce=lambda text: console.print(text, highlight=False))  # fmt: skip
+    console.print(f"tuned in {time.monotonic() - started:.0f} s")
+    print_summary(console, result.run_dir, result.history)
+
+
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FedtrainError(f"{option} takes numbers separated by commas, not {text!r}.") from None
 
 
 def _resumed_config(resume: Path, config: Path | None, run_dir: str | None) -> Path:
@@ -171,6 +312,10 @@ def export(
         str | None, typer.Option(help="Model key file (default: $FEDTRAIN_MODEL_KEY or store).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: 8-bit weights (fedtrain.model_quantization.load_quantized reads them back)."),
+    ] = None,
 ) -> None:
     """Decrypt a run's final model to a plain state_dict file (only when you ask for it)."""
     import torch
@@ -182,6 +327,9 @@ def export(
 
     if out.exists() and not force:
         raise FedtrainError(f"{out} already exists; choose another --out or pass --force.")
+    if quantize is not None:
+        _export_quantized(run_dir, out, key_file or _configured_key_file(run_dir), quantize)
+        return
     info = read_run_info(run_dir)
     model_key = load_model_key(key_file or _configured_key_file(run_dir))
     state, meta = load_model(run_dir / MODEL_FILE, model_key.key, info["run_id"], "model")
@@ -190,6 +338,27 @@ def export(
     torch.save(state, buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     console.print(f"wrote the plain model of round {meta.get('round')} to {out} (mode 600): it is not encrypted.")
+
+
+def _export_quantized(run_dir: Path, out: Path, key_file: str | None, mode: str) -> None:
+    from fedtrain.fileio import atomic_write_bytes
+    from fedtrain.server.quantized_export import quantized_export
+
+    made = quantized_export(run_dir, key_file, mode)
+    atomic_write_bytes(out, made.data, mode=0o600)
+    size = len(made.data)
+    console.print(
+        f"wrote the {mode} model of round {made.round} to {out} (mode 600): it is not encrypted.\n"
+        f"  size: {size:,} bytes, {size / made.full_bytes:.3f} of the float model's {made.full_bytes:,}",
+        highlight=False,
+    )
+    if made.why_no_metric is not None:
+        console.print(f"  {made.metric} on the central test split: not available ({made.why_no_metric}).")
+    else:
+        console.print(
+            f"  {made.metric} on the central test split: {made.quantized:.4f} ({mode}), {made.full:.4f} (float)",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -212,6 +381,43 @@ def verify(
             f"{len(bad)} of {len(states)} files of {run_dir} are not as fedtrain wrote them: {'; '.join(bad)}."
         )
     console.print(f"all {len(states)} files of {run_dir} are as fedtrain wrote them.")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedtrain.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write the HTML page (default: RUN_DIR/report.html).")
+    ] = None,
+    key_file: Annotated[
+        str | None, typer.Option(help="Model key file (default: the run's own, $FEDTRAIN_MODEL_KEY or store).")
+    ] = None,
+    track: Annotated[
+        list[str] | None,
+        typer.Option(help="Also log the finished run to mlflow or tensorboard (repeat for both), report attached."),
+    ] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help=MLFLOW_URI_HELP)] = None,
+) -> None:
+    """Write one self-contained HTML page about a run for whoever signs it off: its privacy card in plain
+    words, the training, and the run's configuration, versions and fingerprints. The run's files are
+    verified first; a run whose reports were edited gets no report."""
+    from fedtrain.security.keys import load_model_key
+    from fedtrain.server.report import write_report
+    from fedtrain.server.tracking import log_finished_run, make_trackers
+
+    trackers = make_trackers(track or [], mlflow_uri)  # a tracker that is not installed: said before anything
+    written = write_report(run_dir, load_model_key(key_file or _configured_key_file(run_dir)), out)
+    spending = written.files.privacy.get("clients", {})
+    worst = max((c["epsilon"] for c in spending.values()), default=None)
+    console.print(
+        f"wrote {written.path}: the privacy card and report of run {written.files.name} ({len(written.files.rows)} "
+        f"rounds, {len(spending)} clients" + (f", epsilon <= {worst:.3f}" if worst is not None else "") + "); "
+        "its files were verified first.",
+        highlight=False,
+        markup=False,
+    )
+    for line in log_finished_run(trackers, written):
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command(name="rotate-key")
@@ -319,16 +525,20 @@ def server(
         Path | None,
         typer.Option(help="Continue the run in this directory after its last complete round (its own config)."),
     ] = None,
+    track: Annotated[list[str] | None, typer.Option(help=TRACK_HELP)] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help=MLFLOW_URI_HELP)] = None,
 ) -> None:
     """Run a federation: SuperLink with TLS and node authentication, then the fedtrain run."""
     from fedtrain.config import resolve
     from fedtrain.server.deployment import ServerOptions, serve
+    from fedtrain.server.tracking import make_trackers
 
     if insecure:
         _warn_insecure("server")
     if resume is not None:
         config, run_dir = _resumed_config(resume, config, run_dir), str(resume)
-    resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir})
+    resolved = resolve(config, {"rounds": rounds, "run_dir": run_dir, "track": track, "mlflow_uri": mlflow_uri})
+    make_trackers(resolved.deployment.track or [])  # a tracker that is not installed: said before anything starts
     path = resume if resume is not None else _new_run_dir(resolved.deployment.run_dir)
     options = ServerOptions(
         kit,
@@ -488,7 +698,7 @@ def main() -> None:
         user_error = find_fedtrain_error(exc)
         if user_error is None:
             raise
-        errors.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     finally:
         signal.signal(signal.SIGTERM, previous)

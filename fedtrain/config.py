@@ -41,10 +41,14 @@ Partition = Literal["iid", "dirichlet"]
 Accountant = Literal["prv", "rdp"]
 CentralDP = Literal["off", "fixed", "adaptive"]
 MetricsMode = Literal["none", "private", "plain"]  # ordered: how much a client releases about its data
+UpdateCompression = Literal["none", "int8", "int4", "topk"]  # fedtrain/compression.py
+GradSampleMode = Literal["auto", "hooks", "ew", "functorch", "ghost"]  # fedtrain/clients/grad_sample_mode.py
+Precision = Literal["fp32", "bf16"]
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDP)
 METRICS_MODES: tuple[str, ...] = get_args(MetricsMode)
+TRACK_TARGETS = ("mlflow", "tensorboard")  # where `track` may log a run (server/tracking/)
 
 
 @dataclass
@@ -58,6 +62,9 @@ class DataConfig:
     test_fraction: float = 0.1  # simulation: of the dataset, the server's central test split
     partition: Partition = "iid"  # simulation: how the dataset is split into shards
     alpha: float = 0.5  # Dirichlet concentration (smaller: more label skew)
+    image_size: list[int] | None = None  # image folders: resize every image to [height, width]
+    num_outputs: int | None = None  # regression: target values per sample (unset: from the data, else 1)
+    target_range: list[float] | None = None  # regression: the targets' public range [low, high]
 
 
 @dataclass
@@ -73,6 +80,10 @@ class FederationConfig:
     secure_aggregation: bool = False
     secagg_update_bound: float = 10.0  # clients scale updates to this L2 norm; quantisation range [-R, R]
     secagg_threshold: float = 0.6  # share of a client's shares needed to unmask it if it drops out
+    # updates sent compressed (after DP-SGD: post-processing, no privacy cost; error feedback on the client)
+    compression: UpdateCompression = "none"
+    compression_block: int = 256  # values per quantisation scale; 0: one scale per tensor
+    topk_fraction: float = 0.1  # top-k: the share of an update's values sent
     seed: int = 0  # splits, the initial model, the clients each round samples
 
 
@@ -97,6 +108,7 @@ class PrivacyConfig:
     target_epsilon: float | None = 3.0
     noise_multiplier: float | None = None
     max_grad_norm: float | None = None  # unset: chosen by rule on each client (fedtrain/training_defaults.py)
+    max_grad_norm_scale: float = 1.0  # multiplies the rule's clipping bound (`fedtrain tune`'s search; unset only)
     delta: float | None = None
     max_epsilon: float | None = None
     accountant: Accountant = "prv"
@@ -111,20 +123,32 @@ class PrivacyConfig:
     central_clip_lr: float = 0.2  # adaptive: how fast the bound follows that quantile
     central_delta: float | None = None  # unset: 1e-5, or 1 / (10 * clients) if smaller
     max_client_epsilon: float | None = None  # a run whose planned rounds would exceed it does not start
+    # a trial of a private hyperparameter tuning (`fedtrain tune` sets these; privacy/tuning.py): the
+    # expected number of trials, the trial count's eta, and the tuning every trial belongs to
+    tuning_trials: float | None = None
+    tuning_eta: float = 0.0
+    tuning_id: str | None = None
 
 
 @dataclass
 class TrainingConfig:
     model: str = "logistic"
+    task: str = "classification"  # classification, regression, multilabel, or MODULE:NAME (fedtrain/tasks.py)
     hidden: int = 32
     # Unset (None): each client chooses them by rule from its number of examples, the model family and
     # the run's epsilon (fedtrain/training_defaults.py, docs/privacy.md); a value given here is used as given.
     lr: float | None = None
+    lr_scale: float = 1.0  # multiplies the rule's learning rate (`fedtrain tune`'s search; when lr is unset)
     momentum: float = 0.0
     batch_size: int | None = None
     local_epochs: int | None = None
     max_physical_batch_size: int | None = None  # GPU memory: compute a batch in chunks of this size
     device: str = "auto"
+    # per-sample gradients: auto (the fastest mode that matches hooks; ghost clipping when they would not
+    # fit in grad_sample_memory_mib, unset: a quarter of the device's memory) or one Opacus mode
+    grad_sample_mode: GradSampleMode = "auto"
+    grad_sample_memory_mib: float | None = None
+    precision: Precision = "fp32"  # bf16: forward under autocast, per-sample gradients clipped in float32
 
 
 @dataclass
@@ -133,6 +157,8 @@ class DeploymentConfig:
     kit: str | None = None
     run_dir: str | None = None
     key_file: str | None = None  # the *path* of the model key, never a key
+    track: list[str] | None = None  # also log every round to: mlflow, tensorboard (server/tracking/)
+    mlflow_uri: str | None = None  # MLflow's store: a folder (unset: ./mlruns) or an MLflow tracking URI
 
 
 SECTIONS: dict[str, type] = {
@@ -249,8 +275,8 @@ class Config:
         _in_range(fed, "fraction_evaluate", 0.0, 1.0)
         _in_range(training, "momentum", 0.0, 1.0, high_open=True)
         _positive(data, "alpha")
-        _positive(training, *[n for n in ("lr",) if training.lr is not None])
-        _positive(privacy, *[n for n in ("max_grad_norm",) if privacy.max_grad_norm is not None])
+        _positive(training, "lr_scale", *[n for n in ("lr",) if training.lr is not None])
+        _positive(privacy, "max_grad_norm_scale", *[n for n in ("max_grad_norm",) if privacy.max_grad_norm is not None])
         _positive(fed, "round_timeout")
         _positive(strategy, "tau")
         _positive(strategy, *[n for n in ("server_lr", "max_update_norm") if getattr(strategy, n) is not None])
@@ -261,6 +287,13 @@ class Config:
         self._validate_privacy()
         if training.max_physical_batch_size is not None:
             _positive_int(training, "max_physical_batch_size")
+        if training.grad_sample_memory_mib is not None:
+            _positive(training, "grad_sample_memory_mib")
+        if training.grad_sample_mode == "ghost" and training.precision != "fp32":
+            raise FedtrainError(
+                f"grad_sample_mode = ghost cannot be used with precision = {training.precision}: its half-precision "
+                "norms could let a clipped gradient exceed max_grad_norm; use precision = fp32 or another mode."
+            )
         if data.num_classes is not None and data.num_classes < 2:
             raise FedtrainError(f"num_classes must be at least 2, not {data.num_classes}.")
         if data.labels is not None and len(set(data.labels)) != len(data.labels):
@@ -272,9 +305,33 @@ class Config:
             )
         if data.input_shape is not None and (not data.input_shape or any(int(d) < 1 for d in data.input_shape)):
             raise FedtrainError(f"input_shape must be positive sizes, not {data.input_shape}.")
+        if data.image_size is not None and (len(data.image_size) != 2 or min(data.image_size) < 1):
+            raise FedtrainError(f"image_size must be [height, width], two positive sizes, not {data.image_size}.")
+        if data.num_outputs is not None and data.num_outputs < 1:
+            raise FedtrainError(f"num_outputs must be at least 1, not {data.num_outputs}.")
+        if data.target_range is not None and (
+            len(data.target_range) != 2 or not data.target_range[0] < data.target_range[1]
+        ):
+            raise FedtrainError(f"target_range must be [low, high] with low < high, not {data.target_range}.")
         _positive(fed, "secagg_update_bound")
         _in_range(fed, "secagg_threshold", 0.0, 1.0, low_open=True)
+        for target in self.deployment.track or []:
+            if target not in TRACK_TARGETS:
+                raise FedtrainError(f"track must name {' or '.join(TRACK_TARGETS)}, not {target!r}.")
+        self._validate_compression()
         return self
+
+    def _validate_compression(self) -> None:
+        from fedtrain.compression import Compression
+
+        fed = self.federation
+        compression = Compression(fed.compression, fed.compression_block, fed.topk_fraction)  # checks each value
+        if fed.secure_aggregation and not compression.sums_exactly:
+            raise FedtrainError(
+                f"compression = {fed.compression} cannot be used with secure_aggregation: each client quantises "
+                "with its own scales, so the masked sum of what they send is not the sum of their updates; use "
+                'compression = "topk" or "none".'
+            )
 
     def _validate_privacy(self) -> None:
         privacy = self.privacy
@@ -295,6 +352,21 @@ class Config:
                 _in_range(privacy, name, 0.0, 1.0, low_open=True, high_open=True)
         _positive(privacy, "central_noise_multiplier", "central_clipping_norm", "central_clip_lr")
         _in_range(privacy, "central_target_quantile", 0.0, 1.0)
+        if privacy.tuning_trials is not None:
+            self._validate_tuning()
+
+    def _validate_tuning(self) -> None:
+        privacy = self.privacy
+        from fedtrain.privacy.tuning import TrialCount
+
+        TrialCount.with_mean(float(privacy.tuning_trials or 0), privacy.tuning_eta)  # in range, or one sentence
+        if privacy.target_epsilon is None or not privacy.tuning_id:
+            raise FedtrainError("a tuning's trial needs target_epsilon and a tuning_id; run it with `fedtrain tune`.")
+        if privacy.metrics != "none":
+            raise FedtrainError(
+                'a tuning\'s trials release no metrics computed on private data (metrics = "none"): only the '
+                "best trial may leave."
+            )
 
     # ---------------------------------------------------------------- Flower run_config (flat, dashed)
 
@@ -370,7 +442,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             item = get_args(next(a for a in get_args(hint) if a is not type(None)))[0]
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return [int(v) for v in value] if item is int else [str(v) for v in value]
+            if item is int:
+                return [int(v) for v in value]
+            if item is float:
+                return [float(v) for v in value]
+            return [str(v) for v in value]
         if kind is bool:
             if not isinstance(value, bool):
                 raise TypeError

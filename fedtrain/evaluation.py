@@ -1,4 +1,5 @@
-"""Loss and accuracy of a model on a dataset (used by clients and by the server's test set)."""
+"""A model's metrics on a dataset, per its task: exact (the server's own test set in simulation), or
+each example's bounded values (what a client releases privately, privacy/releases.py)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,52 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrain.data import Dataset
+from fedtrain.data import Dataset, Transformed
+from fedtrain.tasks import Classification, Task
+
+BATCH = 256  # examples evaluated at a time: memory bounded whatever the split's size
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy; (nan, nan) for an empty dataset."""
+def example_values(
+    model: nn.Module, dataset: Dataset, device: torch.device, task: Task | None = None, batch_size: int = BATCH
+) -> np.ndarray:
+    """Each example's `task.values` (rows: examples; columns: values), read a batch at a time."""
+    task = task or Classification()
+    if task.eval_transform is not None:
+        dataset = Transformed(dataset, task.eval_transform)
+    model.eval()
+    rows = []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            x, y = dataset.batch(np.arange(start, min(start + batch_size, len(dataset))))
+            outputs = model(torch.from_numpy(x).to(device))
+            rows.append(task.example_values(outputs, torch.from_numpy(np.asarray(y)).to(device)).double().cpu().numpy())
+    finally:
+        model.train()
+    return np.concatenate(rows) if rows else np.zeros((0, len(task.values)))
+
+
+def evaluate_task(
+    model: nn.Module, dataset: Dataset, device: torch.device, task: Task | None = None
+) -> dict[str, float]:
+    """The task's metrics on `dataset`, exactly (no noise): for data that is not a client's."""
+    task = task or Classification()
     if len(dataset) == 0:
-        return float("nan"), float("nan")
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    x_all, y_all = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
-    for start in range(0, len(dataset), batch_size):
-        x = x_all[start : start + batch_size].to(device)
-        y = y_all[start : start + batch_size].to(device)
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == y).sum().item()
-    model.train()
-    return loss_sum / len(dataset), correct / len(dataset)
+        return {name: float("nan") for name in ("loss", task.headline)}
+    means = example_values(model, dataset, device, task).mean(axis=0)
+    return task.report(dict(zip(task.values, (float(m) for m in means), strict=True)))
 
 
-@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = BATCH) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a classifier; (nan, nan) for an empty dataset."""
+    metrics = evaluate_task(model, dataset, device, Classification())
+    return metrics["loss"], metrics["accuracy"]
+
+
 def per_example(
-    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = BATCH
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each example's cross-entropy and whether the model gets it right (1.0 / 0.0): what a client's
-    private metric releases sum, after clipping (privacy/releases.py)."""
-    model.eval()
-    losses, correct = [], []
-    x_all, y_all = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
-    for start in range(0, len(dataset), batch_size):
-        x = x_all[start : start + batch_size].to(device)
-        y = y_all[start : start + batch_size].to(device)
-        logits = model(x)
-        losses.append(nn.functional.cross_entropy(logits, y, reduction="none").double().cpu().numpy())
-        correct.append((logits.argmax(dim=1) == y).double().cpu().numpy())
-    model.train()
-    if not losses:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(losses), np.concatenate(correct)
+    """A classifier's per-example cross-entropy and correctness (1.0 / 0.0)."""
+    values = example_values(model, dataset, device, Classification(), batch_size)
+    return values[:, 0], values[:, 1]

@@ -11,6 +11,8 @@ import importlib
 import inspect
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,7 +99,7 @@ def cnn(input_shape: list[int], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(32, num_classes))
 
 
-def _user_model(spec: str, input_shape: list[int], num_classes: int) -> nn.Module:
+def _imported_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -109,7 +111,12 @@ def _user_model(spec: str, input_shape: list[int], num_classes: int) -> nn.Modul
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise FedtrainError(f"module {module_name!r} has no callable {attr!r}; give MODULE:FUNCTION.")
-    offered = {"input_shape": list(input_shape), "num_classes": num_classes}
+    return factory
+
+
+def _user_model(factory: Callable[..., Any], spec: str, input_shape: list[int], num_classes: int) -> nn.Module:
+    """Call a user's factory with what it asks for of input_shape and num_classes (outputs per sample)."""
+    offered = {"input_shape": list(input_shape), "num_classes": num_classes, "num_outputs": num_classes}
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
@@ -147,20 +154,49 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, replaced
 
 
+ModelSpec = str | Callable[..., nn.Module]  # a built-in name, MODULE:FACTORY, or a factory (the Python API)
+
+
+def model_name(spec: ModelSpec) -> str:
+    """How a model is named in configs and messages (a Python factory by its qualified name)."""
+    if isinstance(spec, str):
+        return spec
+    return f"python:{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__name__)}"
+
+
 def build_model(
-    name: str, input_shape: list[int], num_classes: int, *, hidden: int = 32, seed: int | None = None
+    spec: ModelSpec, input_shape: list[int], num_classes: int, *, hidden: int = 32, seed: int | None = None
 ) -> nn.Module:
-    """Build, make DP-compatible and sanity-check a model for this data."""
+    """Build, make DP-compatible and sanity-check a model for this data.
+
+    Args:
+        spec: "logistic", "mlp", "cnn", "MODULE:FACTORY", or a factory taking any of input_shape,
+            num_classes (= num_outputs, the outputs per sample) as keywords.
+        input_shape: one sample's shape.
+        num_classes: outputs per sample (classes, labels, or regression targets).
+        hidden: the MLP's width.
+        seed: seeds torch before the model is made (server and clients build identical weights).
+
+    Returns:
+        The model, Opacus-compatible (BatchNorm replaced by GroupNorm, with a warning).
+
+    Raises:
+        FedtrainError: an unknown name, a factory that fails or returns no Module, a layer DP-SGD
+            cannot train, or outputs of the wrong shape.
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    if name == "logistic":
+    name = model_name(spec)
+    if callable(spec):
+        model = _user_model(spec, name, input_shape, num_classes)
+    elif name == "logistic":
         model = logistic(input_shape, num_classes)
     elif name == "mlp":
         model = mlp(input_shape, num_classes, hidden)
     elif name == "cnn":
         model = cnn(input_shape, num_classes)
     elif ":" in name:
-        model = _user_model(name, input_shape, num_classes)
+        model = _user_model(_imported_factory(name), name, input_shape, num_classes)
     else:
         raise FedtrainError(
             f"unknown model {name!r}; use one of {', '.join(BUILTIN_MODELS)} or MODULE:FACTORY for your own."
@@ -185,6 +221,6 @@ def _check_output(model: nn.Module, name: str, input_shape: list[int], num_class
         model.train()
     if tuple(out.shape) != (2, num_classes):
         raise FedtrainError(
-            f"model {name!r} outputs shape {list(out.shape[1:])} per sample, but the data has {num_classes} "
-            "classes; make its last layer output one score per class."
+            f"model {name!r} outputs shape {list(out.shape[1:])} per sample, but the task needs {num_classes} "
+            "(one score per class or label, or one value per regression target); fix its last layer."
         )

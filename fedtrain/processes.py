@@ -96,9 +96,11 @@ def wait_for_port(host: str, port: int, timeout: float, process: ManagedProcess 
     raise FedtrainError(f"nothing listens on {host}:{port} after {timeout:.0f} s.")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL it when its parent dies, even by SIGKILL, so none is orphaned."""
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Send this process `sig` when its parent dies, even by SIGKILL, so none is orphaned (Linux; elsewhere
+    nothing). Called in a child before exec, or in a forked child."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
 
 
 class ManagedProcess:
@@ -120,7 +122,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             pass_fds=pass_fds,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads touched
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads touched
         )
 
     @property

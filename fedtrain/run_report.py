@@ -82,12 +82,10 @@ def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> N
         f"max client epsilon {fmt(last['epsilon_max'], 3)}."
     )
     for cid, info in privacy["clients"].items():
-        training = [e for e in info["ledger"] if e.get("kind", "train") == "train"]
-        releases = len(info["ledger"]) - len(training)
         lifetime = info.get("lifetime_epsilon")
         console.print(
             f"  {cid}: epsilon {info['epsilon']:.3f} at delta {info['delta']:g} ({info['accountant'].upper()}) over "
-            f"{len(training)} rounds, {sum(e['steps'] for e in training)} DP-SGD steps and {releases} metric releases"
+            + _spending(info["ledger"])
             + (f"; lifetime epsilon of its data {lifetime:.3f}" if lifetime is not None else "")
         )
     if any(info.get("metrics") == "plain" for info in privacy["clients"].values()):
@@ -109,3 +107,67 @@ def print_summary(console: Console, path: Path, rows: list[dict[str, Any]]) -> N
         f"encrypted model: {path / 'model.ftenc'}; metrics: {path / 'metrics.json'}, plot: {path / 'training.png'}"
     )
     console.print(f"to decrypt it: fedtrain export {path} --out model.pt")
+    print_report_and_tracking(console, path)
+
+
+def print_report_and_tracking(console: Console, path: Path) -> None:
+    """Where the run's report is (or how to write one), and where it was tracked."""
+    from fedtrain.config import load_toml
+    from fedtrain.errors import FedtrainError
+    from fedtrain.server.tracking import mlflow_store, tensorboard_events
+
+    report = path / "report.html"
+    console.print(
+        f"privacy card and report for whoever signs the run off: {report}"
+        if report.is_file()
+        else f"privacy card and report for whoever signs the run off: fedtrain report {path}",
+        highlight=False,
+        markup=False,
+    )
+    try:
+        config = load_toml(path / "config.toml")
+    except FedtrainError:
+        return
+    track = config.get("track") or []
+    if "mlflow" in track:
+        uri = mlflow_store.tracking_uri(config.get("mlflow_uri"))
+        console.print(f"MLflow: run {path.name} in experiment {mlflow_store.EXPERIMENT!r} of {uri} (mlflow ui "
+                      f"--backend-store-uri {uri})", highlight=False, markup=False)  # fmt: skip
+    if "tensorboard" in track:
+        console.print(f"TensorBoard: tensorboard --logdir {path / tensorboard_events.FOLDER}", highlight=False,
+                      markup=False)  # fmt: skip
+
+
+def _spending(ledger: list[dict[str, Any]]) -> str:
+    """What a client's ledger holds, in words."""
+    kinds = [e.get("kind", "train") for e in ledger]
+    training = [e for e, kind in zip(ledger, kinds, strict=True) if kind == "train"]
+    words = (
+        f"{len(training)} rounds, {sum(e['steps'] for e in training)} DP-SGD steps and "
+        f"{kinds.count('metrics')} metric releases"
+    )
+    tunings = [e for e, kind in zip(ledger, kinds, strict=True) if kind == "tuning"]
+    if tunings:
+        each = ", ".join(str(e["steps"]) for e in tunings)
+        words = f"a private tuning (the best of a secret number of trials of {each} DP-SGD steps each)" + (
+            f" and {words}" if len(tunings) < len(ledger) else ""
+        )
+    return words
+
+
+def print_audit(console: Console, found: Any) -> None:
+    """`fedtrain audit`'s lines: the bound, how it was found, and the accounted epsilon beside it.
+
+    `found` is an AuditResult (fedtrain/audit/run.py; not imported here, which would load torch)."""
+    console.print(
+        f"audit of {found.client}: {found.m} {found.kind} canaries, each included with probability 1/2; "
+        f"{found.best.guesses} guesses, {found.best.correct} correct",
+        highlight=False,
+    )
+    console.print(
+        f"  epsilon_lower {found.epsilon_lower:.3f} at {found.confidence:.0%} confidence (delta {found.delta:g}), "
+        f"beside the accounted epsilon {found.epsilon:.3f} ({found.accountant.upper()})",
+        highlight=False,
+    )
+    if not found.broken:
+        console.print(f"{found.verdict()}; a lower bound from one attack, not a guarantee.", highlight=False)

@@ -118,12 +118,14 @@ def resolve(
     if batch is None:
         batch, chosen = _batch_size(num_samples, local_epochs, config, epsilon_at), [*chosen, "batch_size"]
     clip = config.privacy.max_grad_norm
-    if clip is None:
-        clip, chosen = MAX_GRAD_NORM, [*chosen, "max_grad_norm"]
+    if clip is None:  # scaled by a tuning's trial (fedtrain/tuning.py): 1 otherwise
+        clip, chosen = MAX_GRAD_NORM * config.privacy.max_grad_norm_scale, [*chosen, "max_grad_norm"]
     lr = training.lr
-    if lr is None:
+    if lr is None:  # rule 4 at the rule's clipping bound (or lr * C of the user's bound), then a trial's scale
         rate = 1.0 / steps_per_epoch(num_samples, batch)
-        lr, chosen = EPOCH_STEP[fam] * rate * MAX_GRAD_NORM / clip, [*chosen, "lr"]
+        unscaled_clip = clip if "max_grad_norm" not in chosen else MAX_GRAD_NORM
+        lr = EPOCH_STEP[fam] * rate * MAX_GRAD_NORM / unscaled_clip * training.lr_scale
+        chosen = [*chosen, "lr"]
     return LocalTraining(batch, local_epochs, lr, clip, tuple(chosen))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,40 @@ def run_cli_process(argv: list[str], timeout: float = 120, env: dict[str, str] |
         cwd=cwd,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new MLflow store folder (mlflow.db with MLflow's schema, no runs), made through fedtrain's own
+    store_uri once per session: MLflow builds a SQLite store's schema in some 40 migrations, seconds
+    each time, so tests that need an empty store copy this one (`mlflow_store`)."""
+    from fedtrain.server.tracking import mlflow_store
+
+    folder = tmp_path_factory.mktemp("mlflow-template") / "mlruns"
+    uri, _ = mlflow_store.store_uri(str(folder))
+    mlflow_store._client(uri).search_experiments()  # creates the schema (and MLflow's Default experiment)
+    return folder
+
+
+def mlflow_store(template: Path, folder: Path) -> Path:
+    """An empty MLflow store at `folder`, copied from the session's `empty_mlflow_store`."""
+    shutil.copytree(template, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tracked_demo_run(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_store: Path) -> dict[str, Path]:
+    """The demo's federation (5 digits clients, DP-SGD at epsilon 3, private metrics), 3 rounds instead
+    of 30, run by fedtrain's server loop and ClientApp in process, tracked live to MLflow and
+    TensorBoard. Shared by the report and tracking tests; copy it before changing it."""
+    from fedtrain.config import Config
+    from fedtrain.security.keys import generate_key, write_key_file
+    from tests.inprocess import run_federation
+
+    tmp = tmp_path_factory.mktemp("demo-run")
+    mlflow_store(empty_mlflow_store, tmp / "mlruns")
+    key = write_key_file(tmp / "model.key", generate_key())
+    config = Config(rounds=3, run_dir=str(tmp / "run"), key_file=str(key), track=["mlflow", "tensorboard"],
+                    mlflow_uri=str(tmp / "mlruns"))  # fmt: skip
+    run_federation(config)
+    return {"run_dir": tmp / "run", "key": key, "mlruns": tmp / "mlruns"}

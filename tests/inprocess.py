@@ -50,11 +50,15 @@ class LocalGrid:
         self._waiting = getattr(self, "_waiting", {})
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what pushing through a SuperLink does
+            mid = msg.object_id
+            msg.metadata.__dict__["_message_id"] = mid  # what pushing through a SuperLink does
             reply = self.answer(msg)
             if reply is not None:
-                self._waiting[msg.object_id] = reply
-            ids.append(msg.object_id)
+                # a SuperLink stores a reply only to the id it gave the message (an answer built from a copy
+                # of the message, as SecAgg+'s mod builds it, may name the copy's id)
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                self._waiting[mid] = reply
+            ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids) -> list[Message]:
@@ -65,9 +69,17 @@ class LocalGrid:
 
 
 class AppGrid(LocalGrid):
-    def __init__(self, config: Config, *, keys_for=None, ledger_key: bytes | None = None, fault: Fault | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        keys_for=None,
+        ledger_key: bytes | None = None,
+        fault: Fault | None = None,
+        components=None,
+    ):
         self.config = config
-        self.app = build_client_app(config, keys_for=keys_for, ledger_key=ledger_key)
+        self.app = build_client_app(config, keys_for=keys_for, ledger_key=ledger_key, components=components)
         self.fault = fault
         self.contexts: dict[int, Context] = {}
         self.restart()

@@ -74,6 +74,11 @@ SIMULATE_CASES = {
         ],
         "krum with num_malicious = 2 needs at least 7 clients per round, this run has 5",
     ),
+    "unknown compression": (lambda d: ["--compression", "int3"], "compression must be one of none, int8"),
+    "quantised updates under SecAgg+": (
+        lambda d: ["--compression", "int8", "--secure-aggregation"],
+        "compression = int8 cannot be used with secure_aggregation",
+    ),
     "bad config file": (
         lambda d: ["--config", str((d / "b.toml").write_text("rounds = [") and d / "b.toml")],
         "not valid TOML",

@@ -51,6 +51,10 @@ def test_run_config_round_trip() -> None:
         ("clients = 3\nmin_fit_clients = 4", "min_fit_clients must be between 1 and clients \\(3\\), not 4"),
         ("clients = 3\nmin_available_clients = 0", "min_available_clients must be between 1 and clients"),
         ("this is not toml", "is not valid TOML"),
+        ("grad_sample_mode = 'fastest'", "grad_sample_mode must be one of auto, hooks, ew, functorch, ghost"),
+        ("precision = 'fp16'", "precision must be one of fp32, bf16"),
+        ("grad_sample_memory_mib = 0", "grad_sample_memory_mib must be greater than 0"),
+        ("grad_sample_mode = 'ghost'\nprecision = 'bf16'", "ghost cannot be used with precision = bf16"),
         ("[server]\nrounds = 3", "has a section \\[server\\]"),
     ],
 )

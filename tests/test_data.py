@@ -11,6 +11,12 @@ from fedtrain.config import Config
 from fedtrain.data import load_builtin, load_shard
 from fedtrain.errors import FedtrainError
 
+
+def arrays(ds):
+    """Every record of a lazily read dataset, as fedtrain's models see them: (features, targets)."""
+    return ds.batch(np.arange(len(ds)))
+
+
 CFG = Config()
 
 
@@ -18,9 +24,9 @@ def test_npz_uint8_channel_less_images_are_scaled_and_get_a_channel(tmp_path) ->
     x = np.random.default_rng(0).integers(0, 256, size=(10, 6, 6), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", x=x, y=np.arange(10) % 3)
     ds = load_shard(tmp_path / "s.npz", CFG)
-    assert ds.x.dtype == np.float32 and ds.x.shape == (10, 1, 6, 6)
-    assert ds.x.max() <= 1.0 and np.allclose(ds.x[0, 0], x[0] / 255.0)
-    assert ds.y.tolist() == (np.arange(10) % 3).tolist() and ds.num_classes == 3
+    assert arrays(ds)[0].dtype == np.float32 and arrays(ds)[0].shape == (10, 1, 6, 6)
+    assert arrays(ds)[0].max() <= 1.0 and np.allclose(arrays(ds)[0][0, 0], x[0] / 255.0)
+    assert arrays(ds)[1].tolist() == (np.arange(10) % 3).tolist() and ds.num_classes == 3
 
 
 def test_channels_last_images_become_channel_first(tmp_path) -> None:
@@ -29,21 +35,21 @@ def test_channels_last_images_become_channel_first(tmp_path) -> None:
     np.savez(tmp_path / "rgb.npz", x=x, y=[0, 1, 0, 1])
     ds = load_shard(tmp_path / "rgb.npz", CFG)
     assert ds.input_shape == [3, 5, 7]
-    assert ds.x[:, 1].min() == 1.0 and ds.x[:, 0].max() == 0.0
+    assert arrays(ds)[0][:, 1].min() == 1.0 and arrays(ds)[0][:, 0].max() == 0.0
 
 
 def test_pt_dict_of_tensors(tmp_path) -> None:
     torch.save({"x": torch.randn(8, 4), "y": torch.tensor([0, 1] * 4)}, tmp_path / "s.pt")
     ds = load_shard(tmp_path / "s.pt", CFG)
-    assert ds.x.shape == (8, 4) and ds.y.dtype == np.int64
+    assert arrays(ds)[0].shape == (8, 4) and arrays(ds)[1].dtype == np.int64
 
 
 def test_csv_with_string_labels_mapped_through_config(tmp_path) -> None:
     (tmp_path / "s.csv").write_text("a,b,kind\n1,2,cat\n3,4,dog\n5,6,cat\n")
     config = Config(label_column="kind", labels=["dog", "cat"])
     ds = load_shard(tmp_path / "s.csv", config)
-    assert ds.x.tolist() == [[1, 2], [3, 4], [5, 6]]
-    assert ds.y.tolist() == [1, 0, 1]  # the config's order, the same on every client
+    assert arrays(ds)[0].tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert arrays(ds)[1].tolist() == [1, 0, 1]  # the config's order, the same on every client
     assert ds.class_names == ["dog", "cat"]
 
 
@@ -53,13 +59,13 @@ def test_image_folder(tmp_path) -> None:
         for i in range(3):
             Image.new("L", (5, 4), color=shade + i).save(tmp_path / cls / f"{i}.png")
     ds = load_shard(tmp_path, Config(labels=["ants", "bees"]))
-    assert ds.x.shape == (6, 1, 4, 5) and ds.y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert ds.x[0].max() == pytest.approx(10 / 255)
+    assert arrays(ds)[0].shape == (6, 1, 4, 5) and arrays(ds)[1].tolist() == [0, 0, 0, 1, 1, 1]
+    assert arrays(ds)[0][0].max() == pytest.approx(10 / 255)
 
 
 def test_builtin_digits() -> None:
     ds = load_builtin("digits")
-    assert ds.x.shape == (1797, 1, 8, 8) and ds.num_classes == 10 and ds.x.max() == 1.0
+    assert arrays(ds)[0].shape == (1797, 1, 8, 8) and ds.num_classes == 10 and arrays(ds)[0].max() == 1.0
 
 
 def _npz(tmp_path, name="s.npz", **arrays):

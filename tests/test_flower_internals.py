@@ -4,23 +4,45 @@ installed flwr: an upgrade that moves one must fail here, not in a federation.""
 from __future__ import annotations
 
 import inspect
-import sys
-from pathlib import Path
 
 from fedtrain import _flower
 
 
 def test_the_pinned_runtime_hooks_exist() -> None:
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
     from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
-    from flwr.supernode.cli import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp
 
-    assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == "flwr-clientapp"
     assert TaskType.CLIENT_APP in AutoExecPlugin.supported_task_types
-    assert callable(run_clientapp.install_from_fab) and callable(run_clientapp.get_load_client_app_fn)
-    assert callable(flwr_clientapp)
-    assert Path(sys.executable).with_name("fedtrain-clientapp").exists()
+    assert callable(run_superexec.get_executor)  # the warm executor replaces it
+    assert {"task_id", "token", "runtime_api_address", "insecure", "root_certificates_path", "parent_pid"} <= set(
+        ExecutionSpec.__dataclass_fields__
+    )
+    assert callable(LaunchResult.accepted) and callable(LaunchResult.failed)
+    for name in ("install_from_fab", "get_load_client_app_fn", "pull_task_input", "push_message", "push_task_output"):
+        assert callable(getattr(run_clientapp, name)), name
+    assert {
+        "runtime_api_address",
+        "token",
+        "insecure",
+        "certificates",
+        "parent_pid",
+        "runtime_dependency_install",
+    } <= set(inspect.signature(run_clientapp.run_clientapp).parameters)
+    # the task's input is pulled through the module's name, which run_task_for_warm_worker replaces
+    assert "pull_task_input(client)" in inspect.getsource(run_clientapp.run_clientapp)
+
+
+def test_the_supernode_polling_names_exist() -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    assert loop.time is __import__("time") or isinstance(loop.time, _flower._PollingClock)
+    source = inspect.getsource(loop)
+    assert f"time.sleep({_flower.FLOWER_IDLE_SLEEP})" in inspect.getsource(loop.start_client_internal)
+    assert source.count(f"time.sleep({_flower.FLOWER_WAIT_SLEEP})") == 2  # the reply, and a reply object's content
+    assert "run_id = _pull_and_store_message(" in inspect.getsource(loop.start_client_internal)
 
 
 def test_the_heartbeat_names_exist() -> None:

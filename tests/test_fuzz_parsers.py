@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedtrain.config import resolve
@@ -138,6 +138,7 @@ def test_no_modified_checkpoint_is_ever_resumed(checkpointed, position: int, fli
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(["round", "rows", "privacy", "released", "accountant", "rng", "config", "format"]),
        value=_JSON)  # fmt: skip
+@example(field="round", value=float("inf"))  # found by CI: int(inf) raised OverflowError
 def test_a_checkpoint_with_malformed_contents_is_refused_clearly(checkpointed, field: str, value) -> None:
     """Properly sealed (as by a buggy or older fedtrain) but malformed inside: a clear refusal."""
     from fedtrain.security.files import file_context

@@ -95,7 +95,7 @@ def test_user_factory_is_built_and_fixed(user_models, caplog) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("my_models:wrong_output", "outputs shape \\[3\\] per sample, but the data has 2 classes"),
+        ("my_models:wrong_output", "outputs shape \\[3\\] per sample, but the task needs 2"),
         ("my_models:not_a_module", "returned int, not a torch.nn.Module"),
         ("my_models:missing", "has no callable 'missing'"),
         ("no_such_module_xyz:f", "cannot import model module"),

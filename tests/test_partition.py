@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedtrain.config import Config
+from fedtrain.data.partition import dirichlet, holdout_split, iid, simulation_shard, simulation_test_set
 from fedtrain.errors import FedtrainError
-from fedtrain.partition import dirichlet, holdout_split, iid, simulation_shard, simulation_test_set
 
 
 def _check_partition(parts: list[np.ndarray], n: int) -> None:
@@ -50,11 +50,11 @@ def test_holdout_split_keeps_training_data() -> None:
 def test_simulation_shards_never_contain_test_samples() -> None:
     config = Config(clients=4, labels=[str(i) for i in range(10)])
     test = simulation_test_set(config)
-    test_rows = {row.tobytes() for row in test.x}
+    test_rows = {row.tobytes() for row in test.batch(np.arange(len(test)))[0]}
     shards = [simulation_shard(config, pid) for pid in range(4)]
     assert sum(len(s) for s in shards) + len(test) == 1797
     for shard in shards:
-        assert not test_rows & {row.tobytes() for row in shard.x}
+        assert not test_rows & {row.tobytes() for row in shard.batch(np.arange(len(shard)))[0]}
 
 
 def test_too_many_clients_for_the_data() -> None:

@@ -44,7 +44,7 @@ def _class_counts_from_evaluate(client: Client, config) -> tuple[list[float], in
 
 
 def _held_out_truth(client: Client, config, held: int) -> np.ndarray:
-    from fedtrain.partition import holdout_split
+    from fedtrain.data.partition import holdout_split
 
     labels = _labels(client)
     _, held_idx = holdout_split(len(labels), config.data.eval_fraction, config.federation.seed)

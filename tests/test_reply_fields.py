@@ -39,20 +39,24 @@ def test_every_field_of_every_reply_is_covered_and_the_total_matches_opacus(tmp_
     with flower_task():
         rows = Federation(config, on_round=lambda row: None).run(grid)
     assert [row["clients_ok"] for row in rows] == [3, 3, 3]
-    assert len(grid.seen) == 3 * 3 * 2  # a train and an evaluate reply per client per round
+    # one train reply per client per round (rounds 2 and 3 also evaluate the model they got: one task per
+    # round), and the last model's evaluate replies
+    assert [kind for kind, _ in grid.seen] == ["train"] * 9 + ["evaluate"] * 3
 
     releases: dict[str, int] = {}
     for kind, content in grid.seen:
         fields = _fields(content)
         for field in fields:
-            cover = protocol.REPLY_FIELDS.get(field) or protocol.REPLY_FIELDS.get((field[0], "*"))
+            cover = protocol.cover(*field)
             assert cover in COVERS, f"{kind} reply field {field} is not in the table (covered by {cover})"
         privacy = protocol.read_privacy(content.config_records[protocol.PRIVACY])
-        released = [f for f in fields if protocol.REPLY_FIELDS.get(f) == "gaussian"]
+        released = [f for f in fields if protocol.cover(*f) == "gaussian"]
         assert released, f"a default {kind} reply releases its metrics privately"
-        # the release is on the ledger the same reply carries: one more metrics entry than before
+        # each release is on the ledger the same reply carries: one more metrics entry than before (two for a
+        # train reply that evaluated first)
         count = sum(1 for e in privacy.ledger.entries if e.kind == "metrics")
-        assert count == releases.get(privacy.client, 0) + 1, (kind, privacy.client)
+        evaluated_first = (protocol.METRICS, protocol.HELD_OUT_EXAMPLES) in fields
+        assert count == releases.get(privacy.client, 0) + 1 + evaluated_first, (kind, privacy.client)
         releases[privacy.client] = count
         for name, key in released:
             assert content.metric_records[name][key + protocol.STD] > 0  # its noise, stated

@@ -83,7 +83,16 @@ def test_yields_each_reply_as_soon_as_it_arrives():
         seen.append((reply.metadata.reply_to_message_id, len(grid.pulls)))  # how many pulls it took
     assert seen == [("m1", 1), ("m3", 2), ("m2", 3), ("m4", 3)]
     assert grid.pulls == [["m1", "m2", "m3", "m4"], ["m2", "m3", "m4"], ["m2", "m4"]]  # answered ids not asked again
-    assert clock.slept == [0.5, 0.5]  # one poll interval between passes, none after the last reply
+    assert clock.slept == [0.02, 0.02]  # a reply came in each pass: the next pull soon; none after the last
+
+
+def test_pulls_back_off_while_nothing_arrives_and_speed_up_after_a_reply():
+    grid = SlowGrid({1: 12, 2: 13})
+    clock = FakeClock()
+    replies = list(stream_replies(grid, messages_to([1, 2]), timeout=60, clock=clock, sleep=clock.sleep))
+    assert len(replies) == 2
+    waits = [0.02 * 1.5**i for i in range(9)]  # 0.02 ... 0.51: capped at the poll interval
+    assert clock.slept == pytest.approx([*waits[:8], 0.5, 0.5, 0.5, 0.02])
 
 
 def test_messages_are_pushed_and_carry_their_ids_before_the_first_pull():
@@ -116,7 +125,9 @@ def test_pulls_ask_for_at_most_pull_batch_ids():
 def test_a_node_that_never_answers_ends_the_stream_at_the_timeout():
     grid = SlowGrid({1: 1, 2: None, 3: 4})
     clock = FakeClock()
-    stream = stream_replies(grid, messages_to([1, 2, 3]), timeout=10, poll_interval=3, clock=clock, sleep=clock.sleep)
+    stream = stream_replies(
+        grid, messages_to([1, 2, 3]), timeout=10, poll_interval=3, first_poll=3, clock=clock, sleep=clock.sleep
+    )
     replies = [r.metadata.reply_to_message_id for r in stream]
     assert replies == ["m1", "m3"]  # node 2's message is the one never answered
     assert sum(clock.slept) == 10  # waited the whole timeout, not a poll interval more

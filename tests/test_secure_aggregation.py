@@ -131,7 +131,8 @@ def test_server_sees_only_masked_vectors_and_their_mean_is_the_plain_mean(tmp_pa
 
 
 def test_round_survives_a_client_that_dies_before_uploading(tmp_path, monkeypatch):
-    config, grid, rows = secure_run(tmp_path, monkeypatch, vanish=(1, 3), encrypt=True)
+    # the vanished node never answers: its stage ends at round_timeout, as on a SuperLink without its heartbeats
+    config, grid, rows = secure_run(tmp_path, monkeypatch, vanish=(1, 3), encrypt=True, round_timeout=3.0)
     assert rows[0]["clients_ok"] == CLIENTS - 1 and rows[0]["clients_failed"] == 1
     (reason,) = rows[0]["failed"].values()
     assert "collect_masked_vectors" in reason

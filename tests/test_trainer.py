@@ -7,14 +7,14 @@ import torch
 
 from fedtrain.clients.grad_sample_mode import choose_grad_sample_mode
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
-from fedtrain.data import Dataset
+from fedtrain.data import ArrayDataset
 from fedtrain.models import build_model
 from fedtrain.privacy.ledger import PrivacyLedger
 
 
 def _round(proximal_mu: float) -> tuple[dict, dict]:
     rng = np.random.default_rng(0)
-    data = Dataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
+    data = ArrayDataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
     model = build_model("logistic", [4], 3, seed=0)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     settings = TrainSettings(16, 2, 0.5, 0.0, 1.0, proximal_mu=proximal_mu)
@@ -40,7 +40,9 @@ def test_a_round_full_of_empty_poisson_batches_trains_with_the_cpu_fast_mode() -
     # (all 64 drawing one is a 1e-12 chance). Expanded weights, the CPU's mode for the CNN, refuse such
     # batches: the trainer must still run them as noise-only steps and count each one.
     rng = np.random.default_rng(0)
-    data = Dataset(rng.random((32, 1, 6, 6), dtype=np.float32), (np.arange(32) % 3).astype(np.int64), ["a", "b", "c"])
+    data = ArrayDataset(
+        rng.random((32, 1, 6, 6), dtype=np.float32), (np.arange(32) % 3).astype(np.int64), ["a", "b", "c"]
+    )
     model = build_model("cnn", [1, 6, 6], 3, seed=0)
     assert choose_grad_sample_mode(model, [1, 6, 6], torch.device("cpu")) == "ew"
     before = [p.detach().clone() for p in model.parameters()]
@@ -59,9 +61,11 @@ def test_large_logical_batches_run_in_physical_chunks_with_one_dp_step_each(monk
     import fedtrain.clients.trainer as trainer
 
     seen, real = [], trainer.private_step
-    monkeypatch.setattr(trainer, "private_step", lambda m, o, c, x, y: (seen.append(len(y)), real(m, o, c, x, y))[1])
+    monkeypatch.setattr(
+        trainer, "private_step", lambda m, o, c, x, y, *a: (seen.append(len(y)), real(m, o, c, x, y, *a))[1]
+    )
     rng = np.random.default_rng(0)
-    data = Dataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
+    data = ArrayDataset(rng.random((64, 4), dtype=np.float32), (np.arange(64) % 3).astype(np.int64), ["a", "b", "c"])
     settings = TrainSettings(32, 2, 0.5, 0.0, 1.0, max_physical_batch_size=5)
     model = build_model("logistic", [4], 3, seed=0)
     result = train_round(model, data, settings, 1.0, PrivacyLedger(delta=1e-5), torch.device("cpu"))

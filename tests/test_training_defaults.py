@@ -11,7 +11,7 @@ import pytest
 from fedtrain import training_defaults as td
 from fedtrain.clients import handlers
 from fedtrain.config import Config
-from fedtrain.data import Dataset
+from fedtrain.data.datasets import ArrayDataset as Dataset
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy.policy import ClientPolicy
 
@@ -138,3 +138,32 @@ def test_the_clients_plan_keeps_the_chosen_settings() -> None:
     steps = td.steps_per_epoch(len(train), local.batch_size)
     assert plan.sample_rate == pytest.approx(1 / steps)
     assert plan.steps_per_round == steps * local.local_epochs
+
+
+def test_a_tuning_trial_scales_the_rules_values() -> None:
+    """`fedtrain tune` with values left to the rules searches factors of each client's own: lr_scale and
+    max_grad_norm_scale multiply the rule's values (not a configured one), and a trial's plan (shared by
+    every trial of the tuning) fixes the batch and epochs but not the learning rate or the bound."""
+    from fedtrain.tuning import CLIP_FACTORS, LR_FACTORS, SearchSpace
+
+    space = SearchSpace.around(Config().validate())
+    assert space.scaled == ("lr", "max_grad_norm") and space.lr == LR_FACTORS and space.max_grad_norm == CLIP_FACTORS
+    assert {"lr_scale", "max_grad_norm_scale"} == set(space.candidates()[0])
+    given = SearchSpace.around(Config(lr=0.5).validate())
+    assert given.scaled == ("max_grad_norm",) and given.lr == tuple(0.5 * f for f in LR_FACTORS)
+    assert {"lr", "max_grad_norm_scale"} == set(given.candidates()[0])
+
+    base, trial = quick(800), quick(800, lr_scale=4.0, max_grad_norm_scale=0.5)
+    assert trial.lr == pytest.approx(4.0 * base.lr) and trial.max_grad_norm == pytest.approx(0.5)
+    assert trial.batch_size == base.batch_size  # the mechanism is the same in every trial
+    assert quick(800, lr=0.3, lr_scale=4.0).lr == 0.3  # a value the run sets is used as given
+
+    rng = np.random.default_rng(0)
+    train = Dataset(rng.normal(size=(500, 4)).astype(np.float32), rng.integers(0, 2, 500), ["a", "b"])
+    held_out = Dataset(train.x[:0], train.y[:0], train.class_names)
+    config = Config(target_epsilon=3.0, metrics="none").validate()
+    plan = handlers._plan(config, ClientPolicy(), train, held_out, DELTA, "digest")
+    first = handlers.local_training(config, plan, len(train))
+    later = handlers.local_training(config.replace(lr_scale=2.0), plan, len(train))
+    assert later.lr == pytest.approx(2 * first.lr) and later.batch_size == first.batch_size
+    assert set(later.chosen) == {"batch_size", "local_epochs", "lr", "max_grad_norm"}

@@ -1,7 +1,11 @@
 """The baseline for fedtrain's deployment overhead: what a user writes by hand from Flower's and
 Opacus's examples. Same model (logistic regression on 8x8 digits), same data, same DP-SGD
 parameters, Flower's FedAvg with training and evaluation each round; no encryption, no ledger,
-no screening, no checkpoints."""
+no screening, no checkpoints. The final model is saved with torch.save, as a user would.
+
+With run config exchange = "fedtrain" (benchmarks/deployment_overhead.py's default) the strategy's
+`send_and_receive` pulls replies on fedtrain's schedule (fedtrain/server/reply_stream.py) instead of
+Flower's every 3 s, so both sides' servers exchange messages alike and the clients are what differ."""
 
 import json
 import time
@@ -88,8 +92,16 @@ server = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     rounds = int(context.run_config["rounds"])
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=3)
+    if context.run_config.get("exchange", "flower") == "fedtrain":
+        from fedtrain.server.reply_stream import collect_replies
+
+        def send_and_receive(messages, timeout=None):
+            return collect_replies(grid, messages, timeout=3600.0 if timeout is None else timeout)
+
+        grid.send_and_receive = send_and_receive
     started = time.monotonic()
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds, timeout=300)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds, timeout=300)
     seconds = time.monotonic() - started
+    torch.save(result.arrays.to_torch_state_dict(), context.run_config["model-file"])
     with open(context.run_config["timing-file"], "w") as f:
         json.dump({"rounds": rounds, "seconds": seconds}, f)

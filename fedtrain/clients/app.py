@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -23,6 +25,9 @@ from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.config import Config
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy.policy import ClientPolicy
+
+if TYPE_CHECKING:  # torch: not for the protocol messages of secure aggregation
+    from fedtrain.components import Components
 
 log = logging.getLogger("fedtrain")
 
@@ -58,6 +63,8 @@ def build_client_app(
     keys_for: Callable[[Context], ClientKeys] | None = None,
     ledger_key: bytes | None = None,
     policy: ClientPolicy | None = None,
+    components: Components | None = None,
+    ledger_dir: Path | None = None,
 ) -> ClientApp:
     """A ClientApp.
 
@@ -69,11 +76,13 @@ def build_client_app(
             kit in the node config): ledgers in memory.
         policy: one policy for every simulated client; None: a real node's kit policy, or in
             simulation a policy admitting the run's own settings.
+        components: the model factory, task and dataset given as Python objects (simulation only).
+        ledger_dir: a simulation's ledgers, if not in RUN_DIR/ledgers (a tuning's trials share them).
 
     Returns:
         The ClientApp. Secure aggregation takes part in a round when the server runs one.
     """
-    setup = ClientSetup(policy=policy, ledger_key=ledger_key)
+    setup = ClientSetup(policy=policy, ledger_key=ledger_key, components=components, ledger_dir=ledger_dir)
     # Outermost first: payloads are opened before SecAgg+ reads its stage, and sealed after it masks.
     mods = [payload_encryption_mod(keys_for)] if keys_for is not None else []
     client_app = ClientApp(mods=[*mods, guard_mod, secure_aggregation_mod])

@@ -2,8 +2,9 @@
 
 The kit and the shard are checked before anything connects, so a bad file fails in a second. The
 SuperNode authenticates with the kit's node key, trusts only the kit's CA, and learns its data
-path, kit and name through `--node-config`. ClientApps are launched by fedtrain's pinned SuperExec
-(clients/pinned_app.py), so only fedtrain's installed ClientApp ever runs here. Both processes are
+path, kit and name through `--node-config`. ClientApps are run by fedtrain's pinned SuperExec
+(clients/pinned_app.py), each in a child of its warm worker, so only fedtrain's installed ClientApp
+ever runs here, and a task starts in milliseconds instead of seconds of imports. Both processes are
 supervised: when the SuperNode gives up reconnecting or either exits, `fedtrain client` stops them
 and says why in one sentence.
 """
@@ -31,6 +32,7 @@ from fedtrain.security.kit_checks import check_client_kit
 SESSION_FILE = "session"
 GIVE_UP = ("Giving up reconnection", "Connection attempt failed, giving up")
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+SUPEREXEC_POLL = 0.05  # seconds between the SuperExec's asks for a task (local, about 1 ms each: benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -45,6 +47,15 @@ class ClientOptions:
     max_physical_batch_size: int | None = None  # this node's GPU memory, whatever the run's batch size
     policy: Path | None = None  # this client's privacy policy (default: the kit's policy.toml)
     secret_env: tuple[str, ...] = ()  # variables that hold secrets (--passphrase-env): no child inherits them
+
+
+def superexec_env(env: dict[str, str]) -> dict[str, str]:
+    """The SuperExec's environment: it asks its SuperNode for a task every SUPEREXEC_POLL seconds
+    (Flower's default is 1 s, a second of waiting per message), and its warm worker, which tasks are
+    forked from, keeps numpy's BLAS to one thread (no pool of idle threads in a process that forks;
+    each task trains on one thread anyway, clients/handlers.py)."""
+    return {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL), "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
 def check_privacy(kit: Path, name: str, policy: Path | None) -> Path:
@@ -123,6 +134,14 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
         )
         port_retries, told = 2, False
         session_expires = _crashed_session_expiry(state, options.server)
+        if session_expires > time.time():
+            # Rejoining the moment the SuperLink lets the old session go would race the ServerApp: a
+            # message the crashed client held gets its error reply only while the node is offline.
+            say(f"{name}: the server still holds this client's previous session (did it crash?); "
+                f"waiting {session_expires - time.time():.0f} s for it to expire")  # fmt: skip
+            told = True
+            time.sleep(max(0.0, session_expires - time.time()))
+            session_expires = time.time() + 2 * HEARTBEAT_INTERVAL  # then retry a little, if it still holds it
         while True:
             runtime_port = free_port()
             argv = [
@@ -139,8 +158,9 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             node = ManagedProcess("SuperNode", argv, env, state / "supernode.log", pass_fds=pass_fds)
             pinned_superexec = [sys.executable, "-m", "fedtrain.clients.pinned_app", "--insecure",  # loopback API
                                 "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-                                "--parent-pid", str(node.process.pid)]  # fmt: skip
-            executor = ManagedProcess("SuperExec", pinned_superexec, env, state / "superexec.log")
+                                "--parent-pid", str(node.process.pid),
+                                "--warm-data", str(data), "--warm-kit", str(kit)]  # fmt: skip
+            executor = ManagedProcess("SuperExec", pinned_superexec, superexec_env(env), state / "superexec.log")
             try:
                 _supervise(node, executor, say, name, options.server, stop_after, state / SESSION_FILE)
                 (state / SESSION_FILE).unlink(missing_ok=True)  # a clean stop deactivates the node

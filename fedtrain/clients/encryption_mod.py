@@ -62,7 +62,9 @@ def payload_encryption_mod(keys_for: Callable[[Context], ClientKeys]) -> Mod:
         if reply.has_error():
             return reply
         up = payload_context(context.run_id, server_round, "up", kind, context.node_id, keys.name)
-        reply.content = seal_content(reply.content, keys.uplink, up, {"round": server_round, "client": keys.name})
+        # the reply's content is this client's own: each array is dropped once sealed (one copy of the update)
+        header: dict[str, int | float | str] = {"round": server_round, "client": keys.name}
+        reply.content = seal_content(reply.content, keys.uplink, up, header, consume=True)
         return reply
 
     return mod

@@ -60,7 +60,7 @@ def ledger_history(kit: Path, data: Path | None = None, policy: Path | None = No
     if data is None:
         return name, [_line(shard, rules) for shard in stored]
     loaded = load_shard(data, Config(), infer_labels=True)
-    wanted = identify(loaded.x, loaded.y)
+    wanted = identify(loaded)
     found = [_line(shard, rules) for shard in stored if shard.identity.fingerprint == wanted.fingerprint]
     if found:
         return name, found

@@ -1,27 +1,35 @@
-"""A fedtrain client executes fedtrain's installed ClientApp and nothing else.
+"""A fedtrain client executes fedtrain's installed ClientApp and nothing else, each task in a child
+forked from a warm worker.
 
 Flower's SuperExec starts `flwr-clientapp` for each task; that process unpacks the run's FAB onto
 disk and sys.path and imports whatever component the FAB names, so whoever controls the SuperLink
 could run code on every client. A fedtrain client therefore runs the SuperNode with
 `--isolation process` and its own SuperExec (`python -m fedtrain.clients.pinned_app`), which:
 
-- launches only ClientApp tasks (a run may ask for an agent app, which is refused), and
-- launches them with `fedtrain-clientapp` instead of `flwr-clientapp`: the same Flower runtime,
-  except that the FAB is checked in memory (it must hold nothing but a pyproject.toml whose
-  components are fedtrain's own), nothing of it is written or imported, and the ClientApp comes
-  from the installed fedtrain package. A refused run gets an error reply, so the server's round
-  goes on without this client.
+- takes only ClientApp tasks (a run may ask for an agent app, which is refused), and
+- runs each in a child of its warm worker (clients/warm_worker.py): a process that imported torch,
+  Opacus, Flower and fedtrain and read the shard once, when `fedtrain client` started. The child
+  runs Flower's own ClientApp runtime (same Runtime API, heartbeats, replies), except that the FAB
+  is checked in memory (it must hold nothing but a pyproject.toml whose components are fedtrain's
+  own), nothing of it is written or imported, and the ClientApp is the installed fedtrain package's.
+  A refused run gets an error reply, so the server's round goes on without this client.
 
-The hooks replace names inside flwr 1.42's modules (pinned in pyproject.toml);
-tests/test_pinned_app.py fails if a Flower upgrade moves them.
+A task that outlives the run's round_timeout is stopped, and one that dies without replying gets an
+error reply at once (`reply_failure`), so neither holds up the next round.
+
+The hooks replace names inside flwr 1.42's modules (fedtrain/_flower.py, pinned in pyproject.toml);
+tests/test_flower_internals.py fails if a Flower upgrade moves them.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +40,12 @@ CLIENT_APP_REF = "fedtrain.clients.app:app"
 SERVER_APP_REF = "fedtrain.server.app:app"
 # What a fedtrain FAB holds: the server's generated pyproject.toml and Flower's hash manifest.
 ALLOWED_FAB_FILES = {"pyproject.toml", ".info/CONTENT"}
+# A task may run the run's round_timeout (after that the server no longer waits for it), plus this
+# share and margin for its reply to travel; one whose run sets no usable timeout gets DEFAULT_TIMEOUT.
+TIMEOUT_SHARE, TIMEOUT_MARGIN, DEFAULT_TIMEOUT = 1.1, 5.0, 600.0
+WARM_ARGS = ("--warm-data", "--warm-kit")  # this SuperExec's own options, taken out before Flower's parse them
+
+log = logging.getLogger("fedtrain")
 
 
 class UntrustedRunError(Exception):
@@ -70,23 +84,160 @@ def _load_fedtrain_client_app(*_args: object, **_kwargs: object):
     return load
 
 
-def clientapp_main() -> None:
-    """`fedtrain-clientapp`: Flower's ClientApp process with the FAB checked and fedtrain's app pinned."""
+def task_timeout(run_config: Mapping[str, Any]) -> float:
+    """How long a task of a run with `run_config` may run: the run's round_timeout, with some margin."""
+    value = run_config.get("round-timeout")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e7:
+        return DEFAULT_TIMEOUT
+    return float(value) * TIMEOUT_SHARE + TIMEOUT_MARGIN
+
+
+# ---------------------------------------------------------------- in the warm worker and its tasks
+
+
+def preload(data: str | None, kit: str | None) -> None:
+    """What every task needs, loaded once in the warm worker: fedtrain's ClientApp and everything its
+    handlers import (torch, Opacus), the pinned runtime, and the shard as the kit describes it."""
+    import torch
+
+    torch.set_num_threads(1)  # no thread pool in the worker (tasks are forked from it); tasks use one anyway
+
     from fedtrain import _flower
+    from fedtrain.clients import app, handlers, trainer  # noqa: F401 - imported for the tasks forked later
+    from fedtrain.privacy import calibration, lifetime, releases  # noqa: F401
 
     _flower.pin_clientapp(_check_instead_of_install, _load_fedtrain_client_app)
-    _flower.run_clientapp_process()
+    _flower.preload_clientapp_runtime()
+    # Opacus's import gives the root logger a handler; Flower's logger has its own: say each line once
+    logging.getLogger("flwr").propagate = False
+    if data and kit:
+        from fedtrain.components import task_for
+        from fedtrain.security.kit_data import read_data_file
+
+        try:
+            declared = read_data_file(Path(kit))
+            if declared is not None:
+                handlers.read_shard(data, declared, task_for(declared).target_kind)
+        except Exception as exc:  # noqa: BLE001 - a task reads it then; `fedtrain client` checked it already
+            log.warning("the warm worker could not read %s ahead of tasks: %s", data, exc)
+
+
+def run_task(request: dict[str, Any], channel: Any) -> int:
+    """In a task's child: Flower's ClientApp runtime for one task, with the FAB checked and fedtrain's
+    app pinned (both set in the worker); it tells its worker when it has its message, and how long
+    the run lets it take."""
+    from fedtrain import _flower
+    from fedtrain.clients import handlers
+
+    def on_input(message: Any, context: Any) -> None:
+        channel.running(task_timeout(context.run_config), _flower.task_details(message, context))
+
+    try:
+        _flower.run_clientapp_task(
+            str(request["runtime_api_address"]),
+            str(request["token"]),
+            bool(request["insecure"]),
+            request.get("root_certificates_path"),
+            request.get("parent_pid"),
+            on_input,
+        )
+    except SystemExit:  # Flower's runtime ends every task this way, after replying
+        channel.learned(handlers.shard_reads())
+        channel.finished()
+        raise
+    return 1  # its runtime returned without exiting: not how a Flower task ends
+
+
+def reply_failure(request: dict[str, Any], details: bytes, why: str) -> None:
+    """In a helper child, for a task that had its message and died or hung: the error reply (and the
+    task's end) that its own runtime never sent."""
+    from fedtrain import _flower
+
+    _flower.push_task_failure(
+        str(request["runtime_api_address"]),
+        str(request["token"]),
+        bool(request["insecure"]),
+        request.get("root_certificates_path"),
+        details,
+        f"fedtrain client: {why}",
+    )
+
+
+def learn(reads: list[list[Any]]) -> None:
+    """In the warm worker: read the shards a task had to read itself, so that later tasks have them."""
+    from fedtrain.clients import handlers
+
+    for args in reads:
+        try:
+            handlers.read_shard_again(*args)
+        except Exception as exc:  # noqa: BLE001 - the next task reads it itself
+            log.warning("the warm worker could not keep a shard for later tasks: %s", exc)
+
+
+class WarmExecutor:
+    """Flower's SuperExec executor (its `Executor` protocol), running ClientApp tasks in the warm worker."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def get_eligible_capacity(self, supported_task_types: set, **_kwargs: object) -> tuple[set, set[str]]:
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, *_args: object, **_kwargs: object) -> None:
+        return None
+
+    def launch(self, spec: Any) -> Any:
+        from fedtrain import _flower
+
+        request = {
+            "task_id": spec.task_id,
+            "token": spec.token,
+            "runtime_api_address": spec.runtime_api_address,
+            "insecure": spec.insecure,
+            "root_certificates_path": spec.root_certificates_path,
+            "parent_pid": spec.parent_pid,
+        }
+        if self.worker.submit(request):
+            return _flower.launch_accepted()
+        return _flower.launch_failed("the warm worker is gone")
+
+    def reconcile(self) -> None:
+        if not self.worker.alive:  # this SuperExec exits; `fedtrain client` says so and stops
+            raise RuntimeError("the warm worker exited; see the lines above")
+
+    def close(self) -> None:
+        self.worker.stop()
+
+
+def _own_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """This SuperExec's own options (WARM_ARGS) and the rest, for Flower's parser."""
+    own, rest, it = {}, [], iter(argv)
+    for arg in it:
+        if arg in WARM_ARGS:
+            own[arg] = next(it, "")
+        else:
+            rest.append(arg)
+    return own, rest
 
 
 def superexec_main() -> None:
-    """Flower's SuperExec, restricted to ClientApp tasks run by `fedtrain-clientapp`."""
+    """Flower's SuperExec, restricted to ClientApp tasks run in children of a warm worker.
+
+    Takes flower-superexec's arguments, and `--warm-data PATH --warm-kit KIT`: the shard the worker
+    reads ahead of the first task, as the kit describes it."""
+    from functools import partial
+
+    from fedtrain.clients import warm_worker
+
+    own, sys.argv[1:] = _own_args(sys.argv[1:])
+    # forked before Flower's SuperExec starts any thread: the worker stays single-threaded
+    worker = warm_worker.start(
+        warm_worker.WarmWorker(run_task, reply_failure, learn),
+        partial(preload, own.get("--warm-data"), own.get("--warm-kit")),
+    )
     from fedtrain import _flower
 
-    launcher = Path(sys.executable).with_name("fedtrain-clientapp")
-    if not launcher.exists():
-        sys.exit(f"{launcher} is missing; reinstall fedtrain.")
-    _flower.restrict_superexec(launcher)
-    _flower.run_superexec()
+    _flower.run_superexec(WarmExecutor(worker))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def legacy_update(reply: Message, sent: Message, bound: float) -> Message:
         weight = 0
     else:
         arrays = content.array_records[protocol.ARRAYS]
-        update, scaled = bound_update({k: arrays[k].numpy() for k in names}, bound)
+        # every global tensor, in order (zeros for what this model does not train): one vector length for all
+        sent_update = {k: arrays[k].numpy() if k in arrays else np.zeros_like(global_arrays[k].numpy()) for k in names}
+        update, scaled = bound_update(sent_update, bound)
         outside = values_outside(update, bound)  # 0 unless float rounding or a skipped bound
         weight = 1
         metrics = content.metric_records[protocol.METRICS]

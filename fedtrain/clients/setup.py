@@ -24,6 +24,7 @@ from fedtrain.security.keys import fedtrain_home, read_key_file
 from fedtrain.security.kits import read_kit
 
 if TYPE_CHECKING:  # the ledger needs Opacus (and torch): imported only by messages that train or evaluate
+    from fedtrain.components import Components
     from fedtrain.privacy.lifetime import LedgerStore
 
 LEDGER_KEY_FILE = "ledger.key"
@@ -64,11 +65,16 @@ class ClientSetup:
             simulation one admitting the run's own settings.
         ledger_key: a simulation's model key: ledgers sealed under RUN_DIR/ledgers. None and no kit:
             ledgers in memory (in-process tests).
+        components: the model factory, task and dataset given as Python objects (simulation only).
+        ledger_dir: where a simulation's sealed ledgers live, if not RUN_DIR/ledgers (a tuning's
+            trials share their tuning's ledgers).
     """
 
     policy: ClientPolicy | None = None
     ledger_key: bytes | None = None
+    ledger_dir: Path | None = None
     memory: dict[str, Any] = field(default_factory=dict)
+    components: Components | None = None  # Python objects in place of names (fedtrain.simulate)
 
     def policy_for(self, context: Context, config: Config) -> ClientPolicy:
         node_config = context.node_config
@@ -86,6 +92,7 @@ class ClientSetup:
             kit = Path(str(context.node_config["kit"]))
             read_kit(kit, "client")
             return kit_store(kit, name)
-        if self.ledger_key is not None and config.deployment.run_dir:
-            return LedgerStore(name, Path(config.deployment.run_dir) / "ledgers" / name, self.ledger_key)
+        if self.ledger_key is not None and (self.ledger_dir or config.deployment.run_dir):
+            folder = self.ledger_dir or Path(str(config.deployment.run_dir)) / "ledgers"
+            return LedgerStore(name, folder / name, self.ledger_key)
         return LedgerStore(name, memory=self.memory)

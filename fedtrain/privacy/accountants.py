@@ -24,6 +24,9 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(
 RDP_ORDERS += list(range(256, 4097, 64))
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps), Opacus's history form
+# A tuning (privacy/tuning.py): the best of a random number K ~ D(eta, gamma) of trials, each `steps`
+# steps at (sigma, q): (noise multiplier, sample rate, steps, eta, gamma).
+Tuning = tuple[float, float, int, float, float]
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -45,16 +48,22 @@ def make_accountant(name: str) -> IAccountant:
     return create_accountant(name)
 
 
-def epsilon(mechanisms: Iterable[Mechanism], delta: float, accountant: str = "prv") -> float:
-    """Epsilon at `delta` of every mechanism composed.
+def epsilon(
+    mechanisms: Iterable[Mechanism], delta: float, accountant: str = "prv", tunings: Iterable[Tuning] = ()
+) -> float:
+    """Epsilon at `delta` of every mechanism (and tuning) composed.
 
     Composition is commutative: mechanisms with the same (sigma, q) are one mechanism with their steps
     summed, which gives the same epsilon and keeps PRV's cost flat however many rounds there are.
+    A tuning's guarantee is an RDP result (Papernot and Steinke): with any tuning, everything is
+    composed in RDP, whatever `accountant` says (RDP is never tighter than PRV, so this only errs
+    on the side of a larger epsilon).
 
     Args:
         mechanisms: (noise multiplier, sample rate, steps) triples.
         delta: the delta to report epsilon at.
         accountant: "prv" or "rdp".
+        tunings: (noise multiplier, sample rate, steps, eta, gamma) tunings.
 
     Returns:
         Epsilon (0.0 when nothing ran).
@@ -62,6 +71,11 @@ def epsilon(mechanisms: Iterable[Mechanism], delta: float, accountant: str = "pr
     Raises:
         FedtrainError: for an unknown accountant.
     """
+    tuned = tuple(sorted((float(s), float(q), int(n), float(e), float(g)) for s, q, n, e, g in tunings))
+    if tuned:
+        make_accountant(accountant)  # an unknown name is refused here too
+        plain = tuple(sorted((float(s), float(q), int(n)) for s, q, n in mechanisms if n))
+        return _tuned_epsilon(plain, tuned, float(delta))
     steps: dict[tuple[float, float], int] = {}
     for sigma, rate, count in mechanisms:
         if count:
@@ -69,6 +83,28 @@ def epsilon(mechanisms: Iterable[Mechanism], delta: float, accountant: str = "pr
     if not steps:
         return 0.0
     return _epsilon(tuple(sorted((sigma, rate, count) for (sigma, rate), count in steps.items())), delta, accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _tuned_epsilon(plain: tuple[Mechanism, ...], tunings: tuple[Tuning, ...], delta: float) -> float:
+    """RDP of the plain mechanisms plus each tuning's RDP (Theorem 2), converted to (epsilon, delta)
+    as Opacus's RDP accountant does (Balle et al. 2020)."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedtrain.privacy.tuning import TrialCount, tuned_rdp
+
+    orders = np.asarray(RDP_ORDERS, dtype=float)
+    total = np.zeros_like(orders)
+    for sigma, rate, steps in plain:
+        total += compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=list(orders))
+    for sigma, rate, steps, eta, gamma in tunings:
+        base = compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=list(orders))
+        total += tuned_rdp(np.asarray(base), orders, TrialCount(eta, gamma))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        spent, _ = get_privacy_spent(orders=list(orders), rdp=list(total), delta=delta)
+    return float(spent)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedtrain.errors import FedtrainError
 from fedtrain.privacy.accountants import Mechanism, epsilon
+from fedtrain.privacy.ledger import LedgerEntry
+from fedtrain.privacy.tuning import TrialCount
 
 DEFAULT_DELTA = 1e-5
 TOLERANCE = 0.005  # calibrated epsilons land in (target - TOLERANCE, target]
@@ -77,16 +80,78 @@ def noise_for(
 def _noise_for(
     target: float, delta: float, rate: float, steps: int, accountant: str, alongside: tuple[Mechanism, ...]
 ) -> float:
-    """Bracket by halving from 10 (as Opacus starts), then Brent's method on log(sigma): about ten
-    accountant calls where a bisection takes twenty (PRV takes tenths of a second each). Cached: every
-    client of a simulation with the same plan asks for the same noise."""
-    from scipy.optimize import brentq
-
+    """Cached: every client of a simulation with the same plan asks for the same noise."""
     if epsilon(alongside, delta, accountant) >= target:
         raise FedtrainError(f"no noise level reaches epsilon {target:g}; raise the target epsilon.")
+    return _smallest_noise(lambda sigma: epsilon([*alongside, (sigma, rate, steps)], delta, accountant), target)
+
+
+def tuned_noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, trials: TrialCount) -> float:
+    """The smallest noise multiplier (within TOLERANCE in epsilon) whose tuning, the best of
+    K ~ `trials` runs of `steps` steps at `sample_rate`, spends at most `target_epsilon` at `delta`.
+
+    Args:
+        target_epsilon: the epsilon of the whole tuning.
+        delta: the delta it is spent at.
+        sample_rate: DP-SGD's Poisson sample rate.
+        steps: DP-SGD steps of one trial.
+        trials: the trial count's distribution.
+
+    Returns:
+        The noise multiplier.
+
+    Raises:
+        FedtrainError: when tuning alone (with no training at all) would spend the budget, or no noise is enough.
+    """
+    if steps < 1 or not 0 < sample_rate <= 1:
+        raise FedtrainError("cannot calibrate noise: the planned training has no steps.")
+    floor = tuning_floor(delta, trials)
+    if floor >= target_epsilon:
+        raise FedtrainError(
+            f"tuning with {trials.mean:g} expected trials alone costs epsilon {floor:.3f} at delta {delta:g}, "
+            f"before any training: over the budget of {target_epsilon:g}; raise the target epsilon or "
+            "expect fewer trials."
+        )
+    return _tuned_noise_for(float(target_epsilon), float(delta), float(sample_rate), int(steps), trials)
+
+
+@functools.lru_cache(maxsize=64)
+def _tuned_noise_for(target: float, delta: float, rate: float, steps: int, trials: TrialCount) -> float:
+    tuning = (rate, steps, trials.eta, trials.gamma)
+    return _smallest_noise(lambda sigma: epsilon([], delta, "rdp", [(sigma, *tuning)]), target)
+
+
+def tuning_floor(delta: float, trials: TrialCount) -> float:
+    """What tuning costs with no training at all (every trial's RDP zero): its overhead alone.
+
+    Args:
+        delta: the delta it is spent at.
+        trials: the trial count's distribution.
+
+    Returns:
+        The epsilon of choosing among K ~ `trials` trials that each reveal nothing.
+    """
+    import numpy as np
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from fedtrain.privacy.accountants import RDP_ORDERS
+    from fedtrain.privacy.tuning import tuned_rdp
+
+    orders = np.asarray(RDP_ORDERS, dtype=float)
+    rdp = tuned_rdp(np.zeros_like(orders), orders, trials)
+    with warnings.catch_warnings():  # with no training the largest order is the best: that is expected
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_privacy_spent(orders=list(orders), rdp=list(rdp), delta=delta)[0])
+
+
+def _smallest_noise(spend: Callable[[float], float], target: float) -> float:
+    """The smallest sigma with spend(sigma) <= target (within TOLERANCE below it); `spend` falls as
+    sigma grows. Bracket by halving from 10 (as Opacus starts), then Brent's method on log(sigma):
+    about ten accountant calls where a bisection takes twenty (PRV takes tenths of a second each)."""
+    from scipy.optimize import brentq
 
     def excess(log_sigma: float) -> float:
-        return epsilon([*alongside, (math.exp(log_sigma), rate, steps)], delta, accountant) - (target - TOLERANCE / 2)
+        return spend(math.exp(log_sigma)) - (target - TOLERANCE / 2)
 
     # Small sigmas are slow to account (PRV's domain grows): never evaluate far below the answer.
     high = math.log(10.0)
@@ -150,9 +215,11 @@ class RunPlan:
 
     `metrics_noise` is None when no metric is released privately (metrics "none" or "plain").
     `settings` is a digest of the run's privacy-relevant settings: a run that changes them midway
-    is refused instead of silently re-planned. `training` holds the local DP-SGD settings the client
-    chose for the run (batch size, local epochs, learning rate, clipping bound and which of them a rule
-    chose: fedtrain/training_defaults.py); None in plans written before clients chose them.
+    is refused instead of silently re-planned. `trials` (eta, gamma) marks a tuning's trial: the
+    noise covers the best of K ~ D(eta, gamma) such runs (privacy/tuning.py), charged once.
+    `training` holds the local DP-SGD settings the client chose for the run (batch size, local epochs,
+    learning rate, clipping bound and which of them a rule chose: fedtrain/training_defaults.py); None in
+    plans written before clients chose them.
     """
 
     noise_multiplier: float
@@ -164,7 +231,14 @@ class RunPlan:
     delta: float
     accountant: str
     settings: str
+    trials: tuple[float, float] | None = None
     training: dict[str, Any] | None = None
+
+    def tuning_entry(self) -> LedgerEntry:
+        """The single ledger entry a whole tuning costs (this plan must be a tuning's)."""
+        assert self.trials is not None
+        count = TrialCount(*self.trials)
+        return LedgerEntry.tuning(self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds, count)
 
     def planned_mechanisms(self) -> list[Mechanism]:
         """Everything the run would spend if every round and release happened."""
@@ -180,6 +254,9 @@ class RunPlan:
     def from_dict(cls, data: dict[str, Any]) -> RunPlan:
         try:
             noise = data.get("metrics_noise")
+            trials = data.get("trials")
+            if trials is not None:
+                TrialCount(float(trials[0]), float(trials[1]))  # in range, or refused below
             return cls(
                 float(data["noise_multiplier"]),
                 float(data["sample_rate"]),
@@ -190,9 +267,10 @@ class RunPlan:
                 float(data["delta"]),
                 str(data["accountant"]),
                 str(data["settings"]),
+                None if trials is None else (float(trials[0]), float(trials[1])),
                 dict(data["training"]) if data.get("training") is not None else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError, IndexError, FedtrainError) as exc:
             raise FedtrainError(f"a stored run plan is damaged ({exc}); it cannot be trusted.") from None
 
 
@@ -208,9 +286,10 @@ def plan_run(
     delta: float,
     accountant: str,
     settings: str,
+    trials: TrialCount | None = None,
     training: dict[str, Any] | None = None,
 ) -> RunPlan:
-    """Calibrate one client's run.
+    """Calibrate one client's run (or one trial of a tuning).
 
     Args:
         target_epsilon: epsilon for the whole run (training + metrics), or None with a fixed noise.
@@ -223,6 +302,8 @@ def plan_run(
         delta: the run's delta.
         accountant: "prv" or "rdp".
         settings: digest of the settings the plan is for.
+        trials: for a tuning's trial, the trial count's distribution: the noise is calibrated so that
+            the whole tuning spends `target_epsilon` (no private metrics: trials release none).
         training: the local DP-SGD settings chosen for the run, kept with the plan.
 
     Returns:
@@ -232,6 +313,12 @@ def plan_run(
         FedtrainError: when no noise reaches the target.
     """
     steps = steps_per_round * rounds
+    if trials is not None:
+        if target_epsilon is None or releases:
+            raise FedtrainError("a tuning is planned from target_epsilon, with no private metric releases.")
+        sigma = tuned_noise_for(target_epsilon, delta, sample_rate, steps, trials)
+        return RunPlan(sigma, sample_rate, steps_per_round, rounds, None, 0, delta, "rdp", settings,
+                       (trials.eta, trials.gamma), training)  # fmt: skip
     if target_epsilon is not None:
         metrics_epsilon = metrics_share * target_epsilon
     elif noise_multiplier is not None:  # a fixed noise: metrics take the same share of what training will spend
@@ -247,6 +334,5 @@ def plan_run(
         sigma = noise_for(target_epsilon, delta, sample_rate, steps, accountant, alongside=metrics)
     else:
         sigma = noise_multiplier
-    return RunPlan(
-        sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings, training
-    )
+    return RunPlan(sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings,
+                   None, training)  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -36,25 +37,40 @@ class ShardIdentity:
         return bool(np.any(other_digests[positions] == self.digests))
 
 
-def identify(x: np.ndarray, y: np.ndarray) -> ShardIdentity:
-    """The identity of the shard holding records (x[i], y[i]).
+def identify(dataset: Records, batch: int = 256) -> ShardIdentity:
+    """The identity of a shard, from its records as fedtrain reads them (float32 features, targets),
+    so the same records in another file format are the same shard. Read a batch at a time.
 
     Args:
-        x: features, one row per record (any shape per record).
-        y: labels or targets, one per record.
+        dataset: the shard (anything with `len` and `batch(indices) -> (features, targets)`).
+        batch: records read at a time.
 
     Returns:
         Its ShardIdentity.
     """
-    x = np.ascontiguousarray(x)
-    y = np.ascontiguousarray(y)
-    shape = repr((x.dtype.str, x.shape[1:], y.dtype.str, y.shape[1:])).encode()
-    digests = sorted(
-        hashlib.blake2b(
-            x[i].tobytes() + b"|" + y[i].tobytes(), digest_size=DIGEST_BYTES, person=b"fedtrain-rec"
-        ).digest()
-        for i in range(len(y))
-    )
-    fingerprint = hashlib.sha256(shape + b"".join(digests)).hexdigest()
-    short = np.unique(np.frombuffer(b"".join(d[:8] for d in digests), dtype="<u8"))
-    return ShardIdentity(fingerprint, len(y), short)
+    # one array for every digest, allocated once: thousands of small objects kept between batches
+    # would pin the heap's pages, and a client's memory would grow with its shard
+    digests = np.zeros((len(dataset), DIGEST_BYTES), dtype=np.uint8)
+    shape = b""
+    for start in range(0, len(dataset), batch):
+        x, y = dataset.batch(np.arange(start, min(start + batch, len(dataset))))
+        x, y = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)
+        shape = shape or repr((x.shape[1:], y.dtype.str, y.shape[1:])).encode()
+        for i in range(len(y)):
+            digests[start + i] = np.frombuffer(_digest(x[i].tobytes() + b"|" + y[i].tobytes()), dtype=np.uint8)
+    ordered = np.sort(digests.view(f"V{DIGEST_BYTES}").ravel())
+    fingerprint = hashlib.sha256(shape + ordered.tobytes()).hexdigest()
+    short = np.unique(np.ascontiguousarray(digests[:, :8]).view("<u8").ravel())
+    return ShardIdentity(fingerprint, len(digests), short)
+
+
+def _digest(record: bytes) -> bytes:
+    return hashlib.blake2b(record, digest_size=DIGEST_BYTES, person=b"fedtrain-rec").digest()
+
+
+class Records(Protocol):
+    """What `identify` reads: a length and batches of (features, targets)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

@@ -118,7 +118,7 @@ class LedgerStore:
         assert self.key is not None
         try:
             return int(json.loads(read_encrypted(self.anchor, self.key, _context("anchor", self.client)))["counter"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise FedtrainError(f"the ledger anchor {self.anchor} is damaged ({exc}); restore it.") from None
 
     def _load(self) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class LedgerStore:
                 f"this client's privacy ledger {self.path} does not open with its key (edited, damaged or another "
                 "client's); it cannot be trusted: restore it from a backup."
             ) from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise FedtrainError(f"this client's privacy ledger {self.path} is damaged ({exc}); restore it.") from None
         if anchored is not None and counter < anchored:
             raise FedtrainError(
@@ -293,7 +293,7 @@ def _empty(client: str) -> dict[str, Any]:
 def _entries(items: list[dict[str, Any]]) -> list[LedgerEntry]:
     try:
         return [LedgerEntry.from_dict(e) for e in items]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise FedtrainError(f"a stored privacy ledger entry is damaged ({exc}); it cannot be trusted.") from None
 
 

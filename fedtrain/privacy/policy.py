@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from fedtrain.privacy.calibration import RunPlan
 
 BUILTIN_MODELS = ("logistic", "mlp", "cnn")
+BUILTIN_TASKS = ("classification", "regression", "multilabel")
 POLICY_FILE = "policy.toml"
 
 
@@ -52,6 +53,7 @@ class ClientPolicy:
     metrics: str = "private"  # the most this client releases: none < private < plain
     metrics_share: float = 0.05  # share of a run's epsilon for metric releases (training gets the rest)
     models: tuple[str, ...] = BUILTIN_MODELS  # `module:factory` runs only if listed here
+    tasks: tuple[str, ...] = BUILTIN_TASKS  # `module:Name` runs only if listed here
     accountant: str = "prv"  # for the lifetime epsilon
     share_lifetime_epsilon: bool = True  # tell the server the lifetime epsilon with every reply
 
@@ -70,8 +72,8 @@ class ClientPolicy:
             raise FedtrainError(f"metrics in {source} must be one of {', '.join(METRICS_MODES)}, not {self.metrics!r}.")
         if self.accountant not in ACCOUNTANTS:
             raise FedtrainError(f"accountant in {source} must be one of {', '.join(ACCOUNTANTS)}.")
-        if not self.models:
-            raise FedtrainError(f"models in {source} lists no model; list at least one it accepts.")
+        if not self.models or not self.tasks:
+            raise FedtrainError(f"models and tasks in {source} must each list at least one it accepts.")
         return self
 
     # ------------------------------------------------------------------ what runs are refused
@@ -81,6 +83,11 @@ class ClientPolicy:
         if config.training.model not in self.models:
             return (
                 f"the run's model {config.training.model!r} is not one this client accepts ({', '.join(self.models)}); "
+                "a client never imports code because the server named it"
+            )
+        if config.training.task not in self.tasks:
+            return (
+                f"the run's task {config.training.task!r} is not one this client accepts ({', '.join(self.tasks)}); "
                 "a client never imports code because the server named it"
             )
         if config.data.eval_fraction > self.max_eval_fraction:
@@ -137,11 +144,12 @@ class ClientPolicy:
             max_run_epsilon=config.effective_max_epsilon if config.effective_max_epsilon is not None else math.inf,
             max_lifetime_epsilon=math.inf,
             delta=config.privacy.delta,
-            min_noise_multiplier=min(cls.min_noise_multiplier, config.privacy.noise_multiplier or math.inf),
+            min_noise_multiplier=1e-9,  # the run's own noise, fixed or calibrated to its own target
             max_sample_rate=1.0,
             max_eval_fraction=max(config.data.eval_fraction, 0.9),
             metrics=config.privacy.metrics,
             models=(config.training.model,),
+            tasks=(config.training.task,),
             accountant=config.privacy.accountant,
         )
 
@@ -188,7 +196,7 @@ class ClientPolicy:
 
 def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     try:
-        if name == "models":
+        if name in ("models", "tasks"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return tuple(value)
@@ -207,5 +215,5 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
             raise TypeError
         return number
     except TypeError:
-        wanted = "a list of model names" if name == "models" else f"{type(default or 0.0).__name__}"
+        wanted = f"a list of {name}" if name in ("models", "tasks") else f"{type(default or 0.0).__name__}"
         raise FedtrainError(f"{name} in {source} must be {wanted}, not {value!r}.") from None

@@ -44,28 +44,58 @@ def _check_key(key: bytes) -> None:
         raise EnvelopeError("an encryption key must be 32 random bytes (AES-256); check the key file.")
 
 
-def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytearray:
+def sealed_size(plaintext_bytes: int) -> int:
+    """Bytes of the envelope of a plaintext of `plaintext_bytes` bytes."""
+    return HEADER_BYTES + plaintext_bytes + TAG_BYTES
+
+
+def seal(key: bytes, plaintext: bytes | memoryview, associated_data: bytes) -> bytearray:
     """Encrypt and authenticate `plaintext`, binding it to `associated_data`.
 
     The ciphertext is written straight after the header in one buffer (no copy of a large model
     to prepend the header): the envelope is a bytearray, usable wherever bytes are."""
+    envelope = bytearray(sealed_size(len(plaintext)))
+    seal_into(key, plaintext, associated_data, memoryview(envelope))
+    return envelope
+
+
+def seal_into(key: bytes, plaintext: bytes | memoryview, associated_data: bytes, out: memoryview) -> None:
+    """`seal`, written into `out` (exactly `sealed_size(len(plaintext))` bytes): a caller that frames
+    envelopes in a larger buffer gets no copy of the ciphertext."""
     _check_key(key)
+    if len(out) != sealed_size(len(plaintext)):
+        raise ValueError(f"an envelope of {len(plaintext)} bytes takes {sealed_size(len(plaintext))} bytes")
     nonce = os.urandom(NONCE_BYTES)  # 96-bit random nonce: fresh per message, as GCM requires
     header = MAGIC + bytes([VERSION]) + key_id(key) + nonce
-    envelope = bytearray(HEADER_BYTES + len(plaintext) + TAG_BYTES)
-    envelope[:HEADER_BYTES] = header
+    out[:HEADER_BYTES] = header
     aead, aad = AESGCM(key), header + associated_data
     if hasattr(aead, "encrypt_into"):  # cryptography >= 45
-        aead.encrypt_into(nonce, plaintext, aad, memoryview(envelope)[HEADER_BYTES:])
+        aead.encrypt_into(nonce, plaintext, aad, out[HEADER_BYTES:])
     else:
-        envelope[HEADER_BYTES:] = aead.encrypt(nonce, plaintext, aad)
-    return envelope
+        out[HEADER_BYTES:] = aead.encrypt(nonce, bytes(plaintext), aad)
 
 
 def open_sealed(
     key: bytes, envelope: bytes | bytearray | memoryview, associated_data: bytes, what: str = "the data"
 ) -> bytes:
     """Decrypt an envelope made by `seal`, or raise EnvelopeError saying why it cannot be opened."""
+    view, nonce, aad = _opening(key, envelope, associated_data, what)
+    try:
+        return AESGCM(key).decrypt(nonce, view[HEADER_BYTES:], aad)
+    except InvalidTag:
+        raise _failed(what) from None
+
+
+def _failed(what: str) -> EnvelopeError:
+    return EnvelopeError(
+        f"{what} failed authentication: it was modified, corrupted, or belongs to another run or round."
+    )
+
+
+def _opening(
+    key: bytes, envelope: bytes | bytearray | memoryview, associated_data: bytes, what: str
+) -> tuple[memoryview, bytes, bytes]:
+    """(the envelope as a view, its nonce, the associated data to authenticate), after its header's checks."""
     _check_key(key)
     if not isinstance(envelope, (bytes, bytearray, memoryview)) or len(envelope) < HEADER_BYTES + TAG_BYTES:
         raise EnvelopeError(f"{what} is truncated or not a fedtrain encrypted file.")
@@ -84,10 +114,4 @@ def open_sealed(
             f"{what} was encrypted with a different key (key id {stored_id.hex()}, yours is "
             f"{key_id(key).hex()}); use the key it was written with."
         )
-    nonce = header[-NONCE_BYTES:]
-    try:
-        return AESGCM(key).decrypt(nonce, view[HEADER_BYTES:], header + associated_data)
-    except InvalidTag:
-        raise EnvelopeError(
-            f"{what} failed authentication: it was modified, corrupted, or belongs to another run or round."
-        ) from None
+    return view, header[-NONCE_BYTES:], header + associated_data

@@ -7,6 +7,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtrain.components import Components
 from fedtrain.config import Config
 from fedtrain.data import Dataset
 from fedtrain.security.keys import read_key_file
@@ -23,6 +24,7 @@ def build_server_app(
     on_round: RoundCallback | None = None,
     payload_keys: PayloadKeys | None = None,
     resume: bool = False,
+    components: Components | None = None,
 ) -> ServerApp:
     """A ServerApp; with `config` it ignores the run config (in-process simulation).
 
@@ -38,7 +40,9 @@ def build_server_app(
         keys = payload_keys if payload_keys is not None else _kit_keys(resolved)
         sealer = PayloadSealer(keys, context.run_id) if keys is not None else None
         resuming = resume or bool(resolved.extra.get("fedtrain-resume"))  # deployment: set by `fedtrain server`
-        Federation(resolved, test_set=test_set, on_round=on_round, sealer=sealer, resume=resuming).run(grid)
+        Federation(
+            resolved, test_set=test_set, on_round=on_round, sealer=sealer, resume=resuming, components=components
+        ).run(grid)
 
     return server_app
 

@@ -205,7 +205,7 @@ def load(run_dir: Path, key: bytes, run_id: str, config: Config, strategy: Any) 
         return Resumed(server_round, model, rows, _privacy_from_json(meta["privacy"]), list(meta["released"]))
     except FedtrainError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
         raise FedtrainError(f"the checkpoint in {run_dir} is unusable ({exc}); the run cannot be resumed.") from None
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +37,13 @@ from fedtrain.security.kit_checks import check_server_kit
 from fedtrain.security.kit_data import DATA_FILE, agree
 from fedtrain.security.kits import read_kit
 from fedtrain.server import checkpoint
+from fedtrain.server.control_guard import TOKEN_FILE_ENV, new_token, write_cli_credentials
+from fedtrain.server.fleet_auth import NodeKeys
 from fedtrain.server.fleet_gateway import FleetGateway
+from fedtrain.server.fleet_limits import gateway_limits
 from fedtrain.server.history import METRICS_JSON
 from fedtrain.server.model_files import MODEL_FILE
+from fedtrain.server.tracking import mlflow_store
 from fedtrain.strategies import make_strategy
 
 CONNECTION = "fedtrain"
@@ -80,6 +85,11 @@ def deployment_config(options: ServerOptions, run_dir: Path, declared: Config | 
     config = options.config
     if declared is not None:
         config = agree(config, declared, str(options.kit / DATA_FILE))
+    if config.privacy.tuning_trials is not None:  # the clients refuse it too (clients/handlers.py)
+        raise FedtrainError(
+            "private hyperparameter tuning runs only in simulation (`fedtrain tune`): a server that sees every "
+            "trial is not covered by its guarantee; remove the tuning_* settings."
+        )
     if not config.data.input_shape or not (config.data.num_classes or config.data.labels):
         raise FedtrainError(
             "a server holds no data, so the config must give input_shape and num_classes (or labels); "
@@ -98,6 +108,10 @@ def deployment_config(options: ServerOptions, run_dir: Path, declared: Config | 
         kit=str(kit),
         clients=population,
         min_available_clients=config.federation.min_available_clients or options.min_clients,
+        # the ServerApp runs in another process, maybe elsewhere: MLflow's default ./mlruns is the server's
+        mlflow_uri=mlflow_store.absolute(config.deployment.mlflow_uri)
+        if "mlflow" in (config.deployment.track or [])
+        else None,
     )
     make_strategy(config)  # its name and parameters, before anything starts
     return config
@@ -163,6 +177,7 @@ class Server:
         self.env = flower_env(self.flwr_home, hide=options.secret_env)
         self.internal_port = 0
         self.tls_key: HandedKey | None = None
+        self.token: HandedKey | None = None  # the Control API's bearer token, for the SuperLink
 
     def __enter__(self) -> Server:
         return self
@@ -180,6 +195,9 @@ class Server:
         if self.tls_key is not None:
             self.tls_key.close()
             self.tls_key = None
+        if self.token is not None:
+            self.token.close()
+            self.token = None
 
     def start(self) -> None:
         check_port_free(self.options.host, self.options.port)
@@ -205,7 +223,7 @@ class Server:
                   "--enable-supernode-auth"]
         )  # fmt: skip
         argv = [
-            tool("flower-superlink"),
+            sys.executable, "-m", "fedtrain.server.control_guard",  # flower-superlink, its Control API behind a token
             *security,
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
@@ -213,15 +231,32 @@ class Server:
         ]  # fmt: skip
         if self.options.database is not None:
             argv += ["--database", str(self.options.database)]
-        fds = self.tls_key.pass_fds if self.tls_key else ()
-        self.superlink = ManagedProcess("SuperLink", argv, self.env, self.run_dir / "superlink.log", pass_fds=fds)
+        self.token = self.control_token()
+        env = {**self.env, TOKEN_FILE_ENV: str(self.token.path)}
+        fds = (*(self.tls_key.pass_fds if self.tls_key else ()), *self.token.pass_fds)
+        self.superlink = ManagedProcess("SuperLink", argv, env, self.run_dir / "superlink.log", pass_fds=fds)
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
         if not insecure:
             self.register_clients()  # before the public port opens: a client never meets an unknown-key refusal
-        self.gateway = FleetGateway(self.options.host, self.options.port, self.internal_port, None if insecure else tls)
+        self.gateway = self.fleet_gateway(None if insecure else tls)
         self.gateway.start()
         mode = "NO TLS, unauthenticated nodes" if insecure else "TLS, authenticated nodes only"
         self.say(f"SuperLink ready; Fleet API ({mode}) on {self.options.host}:{self.options.port}")
+
+    def control_token(self) -> HandedKey:
+        """A fresh Control API token, for the SuperLink (handed over in memory, like a decrypted key) and
+        this server's `flwr` calls (its private FLWR_HOME)."""
+        token = new_token()
+        write_cli_credentials(self.flwr_home, f"127.0.0.1:{self.internal_port}", token)
+        return hand_over(token.encode(), "server", "control.token")
+
+    def fleet_gateway(self, tls: tuple[Path, Path, Path] | None) -> FleetGateway:
+        """The public port, bounded for this run's model, refusing unsigned requests unless insecure."""
+        keys = None
+        if tls is not None:
+            keys = NodeKeys.from_files(self.kit / "clients" / f"{name}.pub" for name in self.info["clients"])
+        limits = gateway_limits(self.config)
+        return FleetGateway(self.options.host, self.options.port, self.internal_port, tls, limits, keys)
 
     def register_clients(self) -> None:
         for name in self.info["clients"]:
@@ -267,7 +302,7 @@ class Server:
                 runs = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)["runs"]
                 status = str(runs[0].get("status", "unknown")) if runs else "unknown"
                 if status.startswith("finished"):
-                    self._report_new_rounds(seen, on_round)
+                    self._report_new_rounds(seen, on_round, final=True)
                     return status
                 next_status = time.monotonic() + STATUS_SECONDS
             if self.superlink is not None and not self.superlink.alive:
@@ -278,14 +313,19 @@ class Server:
                 raise FedtrainError(f"run {run_id} did not finish within {self.options.run_timeout:.0f} s.")
             time.sleep(POLL_SECONDS)
 
-    def _report_new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None]) -> int:
+    def _report_new_rounds(self, seen: int, on_round: Callable[[dict[str, Any]], None], final: bool = False) -> int:
+        """Report rows after the first `seen`; a row whose federated evaluation rides on the next round's
+        train messages waits for it (until the run is `final`). Returns how many are reported."""
         try:
             rows = json.loads((self.run_dir / METRICS_JSON).read_text())
         except (OSError, json.JSONDecodeError):
             return seen
         for row in rows[seen:]:
+            if row.get("federated_pending") and not final:
+                break
             on_round(row)
-        return len(rows)
+            seen += 1
+        return seen
 
 
 def _mtime(path: Path) -> float | None:

@@ -1,5 +1,5 @@
 """What a run leaves behind in its run directory besides the model: the per-round metrics history
-(JSON + CSV), a plot of accuracy and epsilon, and the privacy report with every client's ledger.
+(JSON + CSV), a plot of accuracy and epsilon per client, and the privacy report with every client's ledger.
 Each file is recorded, as written, in the run's integrity record (security/run_integrity.py)."""
 
 from __future__ import annotations
@@ -66,15 +66,21 @@ PLAIN_METRICS_WARNING = (
 )
 
 
-def privacy_report(clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None) -> dict[str, Any]:
+def privacy_report(
+    clients: dict[str, ClientPrivacy], client_level: dict[str, Any] | None = None, marks: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What privacy.json holds: per client its accountant, delta, full ledger (every DP-SGD round and
-    every metric release), its run epsilon and, where it shares it, its lifetime epsilon."""
+    every metric release), its run epsilon and, where it shares it, its lifetime epsilon; first, what
+    the run is when it is not an ordinary one (`marks`: an audit's canaries, a positive control)."""
     plain = sorted(cid for cid, info in clients.items() if info.metrics == "plain")
     report: dict[str, Any] = {
+        **(marks or {}),
         "note": "epsilon is cumulative over every ledger entry of this run: DP-SGD rounds (kind train) and "
         "metric releases (kind metrics, the Gaussian mechanism: sample_rate 1, one step); recompute it with "
-        "any accountant from noise_multiplier, sample_rate and steps. lifetime_epsilon composes every run "
-        "over the client's data, as the client reports it.",
+        "any accountant from noise_multiplier, sample_rate and steps. A private tuning (kind tuning) is the "
+        "best of K ~ truncated negative binomial (eta, gamma) trials of those steps, accounted in RDP by "
+        "Papernot and Steinke's Theorem 2. lifetime_epsilon composes every run over the client's data, as "
+        "the client reports it.",
         "metrics": PLAIN_METRICS_WARNING.format(names=", ".join(plain))
         if plain
         else "private or none for every client: every metric computed on private data is on the ledger",
@@ -100,34 +106,31 @@ def write_privacy_report(
     clients: dict[str, ClientPrivacy],
     client_level: dict[str, Any] | None = None,
     integrity: RunIntegrity | None = None,
+    marks: dict[str, Any] | None = None,
 ) -> None:
     """privacy.json (see `privacy_report`), atomically, and its digest in the run's integrity record."""
-    report = privacy_report(clients, client_level)
+    report = privacy_report(clients, client_level, marks)
+    _write(run_dir, {PRIVACY_JSON: (json.dumps(_json_safe(report), indent=2) + "\n").encode()}, integrity)
+
+
+def add_privacy_section(run_dir: Path, name: str, section: dict[str, Any], integrity: RunIntegrity) -> None:
+    """privacy.json with one more top-level section (`fedtrain audit`'s), through the integrity record.
+
+    Raises:
+        FedtrainError: the run's reports are not as fedtrain wrote them (an edit is never carried on).
+    """
+    integrity.require_intact(PROTECTED)
+    report = json.loads((Path(run_dir) / PRIVACY_JSON).read_text(encoding="utf-8"))
+    report[name] = section
     _write(run_dir, {PRIVACY_JSON: (json.dumps(_json_safe(report), indent=2) + "\n").encode()}, integrity)
 
 
 def write_plot(run_dir: Path, rows: list[dict[str, Any]], integrity: RunIntegrity | None = None) -> None:
-    """training.png: accuracy (left axis) and the largest client epsilon (right axis) per round."""
-    import matplotlib
+    """training.png: the headline metric per round, each client's epsilon per round, and the metric
+    against the epsilon spent (server/plots.py)."""
+    from fedtrain.server import plots  # matplotlib: loaded when the first plot is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [row["round"] for row in rows]
-    figure, left = plt.subplots(figsize=(6, 3.6), dpi=100)
-    left.plot(rounds, [row["accuracy"] for row in rows], marker="o", color="tab:blue")
-    left.set_xlabel("round")
-    left.set_ylabel("accuracy", color="tab:blue")
-    left.set_ylim(0, 1)
-    right = left.twinx()
-    right.plot(rounds, [row["epsilon_max"] for row in rows], marker="s", color="tab:red")
-    right.set_ylabel("max client epsilon", color="tab:red")
-    left.set_title("fedtrain: accuracy and privacy spent")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    _write(run_dir, {PLOT: buffer.getvalue()}, integrity)
+    _write(run_dir, {PLOT: plots.png(plots.training_figure(rows))}, integrity)
 
 
 def _write(run_dir: Path, files: dict[str, bytes], integrity: RunIntegrity | None) -> None:

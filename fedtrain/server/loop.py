@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import random
 import time
 import uuid
@@ -30,21 +31,23 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import fedtrain
 from fedtrain import protocol
+from fedtrain.components import Components, model_for, outputs_for, task_for
 from fedtrain.config import Config
 from fedtrain.data import Dataset
 from fedtrain.errors import FedtrainError
-from fedtrain.evaluation import evaluate
+from fedtrain.evaluation import evaluate_task
 from fedtrain.fileio import atomic_write_text
 from fedtrain.models import build_model
 from fedtrain.security.keys import load_model_key
 from fedtrain.security.run_integrity import RunIntegrity
 from fedtrain.server import checkpoint
+from fedtrain.server import federated_evaluation as evaluation
 from fedtrain.server.exchanges import exchange_for
-from fedtrain.server.federated_evaluation import federated_evaluation
 from fedtrain.server.model_files import CHECKPOINT_FILE, MODEL_FILE, RUN_FILE, save_model
 from fedtrain.server.node_book import NodeBook
 from fedtrain.server.observers import OBSERVERS, RoundRecord
 from fedtrain.server.payload_sealer import PayloadSealer
+from fedtrain.server.quantized_export import CENTRAL_SPLIT
 from fedtrain.server.screened_strategy import ScreenedStrategy
 from fedtrain.server.screening import ClientPrivacy
 from fedtrain.server.sealed_grid import SealedGrid
@@ -52,6 +55,19 @@ from fedtrain.strategies import central_dp, make_strategy
 
 log = logging.getLogger("fedtrain")
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _versions() -> dict[str, str]:
+    """The versions of Python and of the packages that decide what a run computes."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("fedtrain", "flwr", "opacus", "torch", "numpy", "cryptography"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 class Federation:
@@ -65,12 +81,14 @@ class Federation:
         on_round: RoundCallback | None = None,
         sealer: PayloadSealer | None = None,
         resume: bool = False,
+        components: Components | None = None,
     ) -> None:
         if not config.deployment.run_dir:
             raise FedtrainError("the server needs a run directory (run_dir) to keep the model and metrics.")
-        num_classes = config.data.num_classes or (len(config.data.labels) if config.data.labels else None)
-        if not config.data.input_shape or not num_classes:
-            raise FedtrainError("the server needs input_shape and num_classes (or labels) in the config.")
+        self.task = task_for(config, components)
+        if not config.data.input_shape:
+            raise FedtrainError("the server needs input_shape (and the classes, or num_outputs) in the config.")
+        outputs = outputs_for(config, self.task)
         self.config = config
         self.run_dir = Path(config.deployment.run_dir)
         self.test_set = test_set
@@ -80,18 +98,25 @@ class Federation:
         self.resume = resume
         self.run_id = checkpoint.resumable_run_id(self.run_dir, self.model_key) if resume else uuid.uuid4().hex
         self.integrity = RunIntegrity(self.run_dir, self.model_key.key, self.run_id)  # metrics, privacy report, plot
+        # what the run is when it is not an ordinary one (fedtrain audit's canaries, a positive control):
+        # in run.json and every privacy.json from the first round, so no file of it passes for an ordinary run
+        probe = components.probe if components is not None else None
+        self.marks: dict[str, Any] = probe.report_marks() if probe is not None else {}
         self.model = build_model(
-            config.training.model,
+            model_for(config, components),
             config.data.input_shape,
-            num_classes,
+            outputs,
             hidden=config.training.hidden,
             seed=config.federation.seed,
         )
+        # what clients train and send; a frozen backbone stays as the model was made, and is saved whole
+        self.trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         self.device = torch.device("cpu")  # the server aggregates and evaluates small models on CPU
         self.rows: list[dict[str, Any]] = []
         self.privacy: dict[str, ClientPrivacy] = {}
         self.book = NodeBook()
         self.exchange = exchange_for(config, self.book)
+        self.rides = evaluation.rides(config)  # federated evaluation rides on the next round's train messages
         self.observers = [observer(self) for observer in OBSERVERS]
         self.released: list[int] = []  # rounds that released a new model (client-level DP may skip one)
         # Client-level DP sets its noise for exactly `clients` updates per round: wait for all of them.
@@ -113,6 +138,9 @@ class Federation:
             "key_id": self.model_key.key_id,
             "fedtrain_version": fedtrain.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": _versions(),  # what trained and accounted this run (the report shows it)
+            CENTRAL_SPLIT: self.test_set is not None,  # `fedtrain export --quantize` evaluates on it
+            **self.marks,
         }
         atomic_write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
@@ -123,8 +151,17 @@ class Federation:
     # ------------------------------------------------------------------ loop
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:
+        try:
+            self._run(grid)
+        except BaseException:
+            self._after_run(completed=False)
+            raise
+        self._after_run(completed=True)
+        return self.rows
+
+    def _run(self, grid: Grid) -> None:
         inner = make_strategy(self.config)
-        strategy = ScreenedStrategy(inner, self.config, self.book)
+        strategy = ScreenedStrategy(inner, self.config, self.book, self.trainable)
         state = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items())
         first = 1
         if self.resume:
@@ -145,7 +182,10 @@ class Federation:
         for server_round in range(first, self.config.federation.rounds + 1):
             state = self._round(grid, strategy, server_round, state)
         self._save_model(state)
-        return self.rows
+
+    def _after_run(self, completed: bool) -> None:
+        for observer in self.observers:
+            observer.after_run(completed)
 
     def _round(self, grid: Grid, strategy: ScreenedStrategy, server_round: int, state: OrderedDict) -> OrderedDict:
         started = time.monotonic()
@@ -164,18 +204,27 @@ class Federation:
             self.released.append(server_round)
         for name, reason in {**screened.failed, **screened.refused}.items():
             log.warning("round %d: %s: %s", server_round, name, reason)
+        if self.rides and self.rows and self.rows[-1]["round"] == server_round - 1:
+            # this round's train replies evaluated the previous round's model: that round's row is complete
+            previous = evaluation.aggregate(strategy, server_round - 1, list(screened.evaluations.values()), self.task)
+            self.rows[-1].update(self._federated_fields(previous))
+            if self.test_set is None:  # no central evaluation: the row shows the federated one
+                self.rows[-1].update(self._shown(previous.metrics))
 
-        federated = federated_evaluation(grid, strategy, server_round, state, self.run_id, self.book, self.privacy)
-        test_loss, test_acc = self._central_evaluation(state)
-        central = self.test_set is not None
+        last = server_round == self.config.federation.rounds
+        pending = self.rides and not last  # this model's evaluation rides on the next round's train messages
+        federated = evaluation.Evaluated()
+        if not pending:
+            federated = evaluation.federated_evaluation(
+                grid, strategy, server_round, state, self.run_id, self.book, self.privacy, self.task
+            )
+        central = self._central_evaluation(state)
         row = {
             "round": server_round,
-            "accuracy": test_acc if central else federated.accuracy,
-            "loss": test_loss if central else federated.loss,
-            "federated_accuracy": federated.accuracy,
-            "federated_accuracy_std": federated.accuracy_std,
-            "federated_loss": federated.loss,
-            "federated_loss_std": federated.loss_std,
+            "metric": self.task.headline,  # what `accuracy` holds: the task's headline metric
+            **self._shown(central if central is not None else federated.metrics),
+            **self._federated_fields(federated),
+            "federated_pending": pending,
             "train_loss": screened.train_loss.mean,
             "train_loss_std": screened.train_loss.std,
             "clients_ok": strategy.usable,
@@ -187,6 +236,8 @@ class Federation:
             "client_clipping_norm": getattr(strategy.inner, "clipping_norm", None),
             "refused": dict(screened.refused),
             "failed": dict(screened.failed),
+            "bytes_up": dict(sorted(screened.bytes_up.items())),  # each client's train reply, as it travelled
+            "update_bytes": dict(sorted(screened.update_bytes.items())),  # of which its update
             "seconds": round(time.monotonic() - started, 3),
             **trained.row,
         }
@@ -232,6 +283,8 @@ class Federation:
         try:
             # fedtrain's run id: clients key their stored ledgers by it, and it survives a resume
             sent = ConfigRecord({protocol.RUN_ID: self.run_id})
+            if self.rides and server_round > 1:  # the model they get is the last round's: evaluate it first
+                sent[protocol.EVALUATE_FIRST] = True
             return list(strategy.configure_train(server_round, ArrayRecord(state), sent, grid))
         except PrivacyBudgetExhausted:
             spent = central_dp.spent_epsilon(strategy.inner)
@@ -243,11 +296,29 @@ class Federation:
         except ValueError as exc:  # Flower's DP wrapper: the sample is not the size the noise was set for
             raise FedtrainError(f"round {server_round}: client-level DP cannot run this round ({exc}).") from None
 
-    def _central_evaluation(self, state: OrderedDict) -> tuple[float, float]:
+    def _shown(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A row's `accuracy` (the task's headline metric) and `loss`: central where the server has a test
+        split (simulation), else federated."""
+        return {"accuracy": metrics.get(self.task.headline, float("nan")), "loss": metrics.get("loss", float("nan"))}
+
+    def _federated_fields(self, federated: evaluation.Evaluated) -> dict[str, Any]:
+        """A row's federated evaluation; `federated_pending` is false once it is in."""
+        headline = self.task.headline
+        return {
+            "federated_accuracy": federated.metrics.get(headline, float("nan")),
+            "federated_accuracy_std": federated.std.get(headline, float("nan")),
+            "federated_loss": federated.metrics.get("loss", float("nan")),
+            "federated_loss_std": federated.std.get("loss", float("nan")),
+            "federated": federated.metrics,
+            "federated_pending": False,
+        }
+
+    def _central_evaluation(self, state: OrderedDict) -> dict[str, float] | None:
+        """The task's metrics on the server's own test split (simulation), or None without one."""
         if self.test_set is None:
-            return float("nan"), float("nan")
+            return None
         self.model.load_state_dict(state)
-        return evaluate(self.model, self.test_set, self.device)
+        return evaluate_task(self.model, self.test_set, self.device, self.task)
 
     def _log_round(self, row: dict[str, Any]) -> None:
         log.info(

@@ -38,8 +38,10 @@ log = logging.getLogger("fedtrain")
 
 def mean_reply(global_np: dict[str, np.ndarray], mean: dict[str, np.ndarray], weight: float, loss: float) -> Message:
     """One reply holding w_t + the mean update: what a mean-based strategy aggregates to itself,
-    or takes its server step (FedAdam, FedAvgM...) on."""
-    arrays = ArrayRecord({k: Array(np.asarray(g + mean[k], dtype=g.dtype)) for k, g in global_np.items()})
+    or takes its server step (FedAdam, FedAvgM...) on. Tensors nobody trains stay w_t."""
+    arrays = ArrayRecord(
+        {k: Array(np.asarray(g + mean[k], dtype=g.dtype) if k in mean else g) for k, g in global_np.items()}
+    )
     metrics = MetricRecord({protocol.NUM_EXAMPLES: weight, protocol.TRAIN_LOSS: loss, protocol.UNIT_WEIGHT: 1})
     content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics})
     return Message(content, dst_node_id=0, message_type="train")
@@ -49,10 +51,12 @@ class ScreenedStrategy(Strategy):
     """`inner` behind fedtrain's screening. `screened` holds the last round's sorting and `usable`
     its count of updates in the aggregate."""
 
-    def __init__(self, inner: Strategy, config: Config, book: NodeBook) -> None:
-        self.inner, self.config, self.book = inner, config, book
+    def __init__(self, inner: Strategy, config: Config, book: NodeBook, trainable: set[str] | None = None) -> None:
+        """`trainable`: the tensors clients train and send (a frozen backbone's are neither); None: all."""
+        self.inner, self.config, self.book, self.trainable = inner, config, book, trainable
         self.streams = config.strategy.name in STREAMABLE and not central_dp.uses_central_dp(config)
         self.global_np: dict[str, np.ndarray] = {}
+        self.trained_np: dict[str, np.ndarray] = {}
         self.screened = Screened()
         self.usable = self.sampled = 0
 
@@ -62,6 +66,7 @@ class ScreenedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_np = {k: a.numpy() for k, a in arrays.items()}
+        self.trained_np = {k: v for k, v in self.global_np.items() if self.trainable is None or k in self.trainable}
         self.screened, self.usable = Screened(), 0
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.sampled = len(messages)
@@ -84,16 +89,18 @@ class ScreenedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen `replies` (consumed one at a time) and aggregate the accepted updates."""
-        mean, kept = StreamingMean(self.global_np), []
+        mean, kept = StreamingMean(self.trained_np), []
         for reply in replies:
-            update = screen_reply(reply, self.global_np, self.book.names, self.book.node_of,
+            update = screen_reply(reply, self.trained_np, self.book.names, self.book.node_of,
                                   self.config.strategy.max_update_norm, self.screened)  # fmt: skip
             if update is not None:
                 metrics = reply.content.metric_records[protocol.METRICS]
                 if self.streams:
                     mean.add(update, protocol.number(metrics[protocol.NUM_EXAMPLES]))
                 else:
-                    weights = ArrayRecord({k: Array(self.global_np[k] + update[k]) for k in self.global_np})
+                    weights = ArrayRecord(
+                        {k: Array(g + update[k] if k in update else g) for k, g in self.global_np.items()}
+                    )
                     reply.content = RecordDict({protocol.ARRAYS: weights, protocol.METRICS: metrics})
                     kept.append(reply)
             if not reply.has_error() and self.streams:
@@ -116,6 +123,7 @@ class ScreenedStrategy(Strategy):
                 if metrics is not None:
                     self.screened.train_loss.add(metrics, protocol.TRAIN_LOSS)
         self.usable = contributors if mean is not None else 0
+        # the masked vector covers every global tensor (zeros where a client trains none): its order is the model's
         accepted = [self._mean(dict(zip(self.global_np, mean, strict=True)), contributors)] if mean is not None else []
         return self._aggregate(server_round, accepted)
 

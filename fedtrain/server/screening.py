@@ -16,7 +16,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedtrain import protocol
+from fedtrain.compression import from_content
 from fedtrain.privacy.ledger import PrivacyLedger
+from fedtrain.security.payload import array_view
 
 
 @dataclass
@@ -65,6 +67,10 @@ class Screened:
     privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
     refused_by_policy: set[str] = field(default_factory=set)  # refusals of the run itself, not of a spent budget
     train_loss: ReleasedMean = field(default_factory=lambda: ReleasedMean())
+    bytes_up: dict[str, int] = field(default_factory=dict)  # each update reply's content, as it travelled
+    update_bytes: dict[str, int] = field(default_factory=dict)  # of which its update (packed, when compressed)
+    # train replies that evaluated the global model first: what each client released, as evaluate metrics
+    evaluations: dict[str, protocol.Metrics] = field(default_factory=dict)
 
 
 def _name(client: str, node: int, known: dict[int, str]) -> str:
@@ -84,15 +90,25 @@ def error_reason(msg: Message) -> str:
     return last.rstrip("'>").strip() or "client error"
 
 
+CHECK_CHUNK = 1 << 18  # values checked at a time: temporaries stay about 2 MB whatever the update's size
+
+
 def _check_update(
-    update: ArrayRecord, global_arrays: dict[str, np.ndarray], max_norm: float | None = None
+    update: ArrayRecord | dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], max_norm: float | None = None
 ) -> tuple[str | None, dict[str, np.ndarray]]:
-    """(what is wrong with the update or None, its tensors decoded once)."""
+    """(what is wrong with the update or None, its tensors as arrays).
+
+    A plain update's tensors are numpy views of the reply's bytes, not copies, and its values are
+    checked a chunk at a time: screening an update of hundreds of MB takes a few MB beyond the reply."""
     if set(update.keys()) != set(global_arrays):
         return "its update has different tensors than the global model", {}
     squares, decoded = 0.0, {}
     for name, array in update.items():
-        value, reference = array.numpy(), global_arrays[name]
+        try:
+            value = array if isinstance(array, np.ndarray) else array_view(array)
+        except ValueError as exc:
+            return f"tensor {name} is malformed ({exc})", {}
+        reference = global_arrays[name]
         decoded[name] = value
         if value.shape != reference.shape or value.dtype != reference.dtype:
             problem = (
@@ -100,9 +116,12 @@ def _check_update(
             )
             return problem, {}
         if np.issubdtype(value.dtype, np.floating):
-            if not np.isfinite(value).all():
-                return f"tensor {name} contains NaN or infinite values", {}
-            squares += float(np.sum(np.square(value, dtype=np.float64)))
+            flat = value.reshape(-1)
+            for start in range(0, flat.size, CHECK_CHUNK):
+                part = flat[start : start + CHECK_CHUNK]
+                if not np.isfinite(part).all():
+                    return f"tensor {name} contains NaN or infinite values", {}
+                squares += float(np.sum(np.square(part, dtype=np.float64)))
     if max_norm is not None and squares**0.5 > max_norm:
         return f"its L2 norm {squares**0.5:.4g} exceeds max_update_norm = {max_norm:g}", {}
     return None, decoded
@@ -122,6 +141,9 @@ def read(msg: Message, node: int, known: dict[int, str], out: Screened) -> proto
     name = _name(reply.client, node, known)
     if reply.privacy is not None:
         out.privacy[name] = ClientPrivacy.of(reply.privacy)
+    evaluation = protocol.evaluation_of(reply)
+    if evaluation is not None:  # it left the client (and is on its ledger) whatever became of the training
+        out.evaluations[name] = evaluation
     if reply.kind == "error":
         out.failed[name] = f"client error ({reply.reason})"
         return None
@@ -148,17 +170,27 @@ def screen_reply(
         return None
     name = _name(reply.client, node_of(msg), known)
     content = msg.content
-    if reply.kind != "update" or len(content.array_records) != 1 or len(content.metric_records) != 1:
+    if reply.kind != "update" or list(content.array_records) != [protocol.ARRAYS] or len(content.metric_records) != 1:
         out.failed[name] = "reply does not hold exactly one update and one set of metrics"
         return None
+    out.bytes_up[name] = protocol.content_bytes(content)
+    out.update_bytes[name] = sum(len(a.data) for a in content.array_records[protocol.ARRAYS].values())
     metrics = content.metric_records[protocol.METRICS]
-    problem, update = _check_update(content.array_records[protocol.ARRAYS], global_arrays, max_update_norm)
+    try:
+        decoded = from_content(content, global_arrays)  # a compressed update, decoded; None: a plain one
+    except ValueError as exc:
+        out.failed[name] = f"rejected update: malformed compressed update ({exc})"
+        return None
+    arrays = decoded if decoded is not None else content.array_records[protocol.ARRAYS]
+    problem, update = _check_update(arrays, global_arrays, max_update_norm)
     examples = metrics.get(protocol.NUM_EXAMPLES)
     if problem is None and (not isinstance(examples, (int, float)) or not examples > 0):
         problem = "it reports no training examples"
     if problem:
         out.failed[name] = f"rejected update: {problem}"
         return None
+    for key in [k for k in metrics if k == protocol.HELD_OUT_EXAMPLES or k.startswith(protocol.EVAL)]:
+        del metrics[key]  # the evaluation was read above: the strategy aggregates training metrics only
     metrics[protocol.UNIT_WEIGHT] = 1  # lets a strategy take a uniform mean, as client-level DP needs
     out.train_loss.add(metrics, protocol.TRAIN_LOSS)
     return update

@@ -7,6 +7,7 @@ from flwr.serverapp import Grid
 
 from fedtrain.config import Config
 from fedtrain.server.exchanges.base import Exchange, Trained
+from fedtrain.server.reply_stream import collect_replies
 from fedtrain.server.screened_strategy import ScreenedStrategy
 
 
@@ -18,7 +19,7 @@ class PlainExchange(Exchange):
         return True  # the fallback: registered last
 
     def train(self, grid: Grid, strategy: ScreenedStrategy, messages: list[Message], server_round: int) -> Trained:
-        replies = list(grid.send_and_receive(messages, timeout=self.config.federation.round_timeout))
+        replies = collect_replies(grid, messages, timeout=self.config.federation.round_timeout)
         self.book.sent(messages)
         answered = [self.book.node_of(reply) for reply in replies]
         arrays, _ = strategy.aggregate_train(server_round, replies)

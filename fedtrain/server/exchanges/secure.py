@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from fedtrain import protocol
 from fedtrain.config import Config
 from fedtrain.server.exchanges.base import Exchange, Trained
+from fedtrain.server.reply_stream import collect_replies
 from fedtrain.server.screened_strategy import ScreenedStrategy
 from fedtrain.server.secure_aggregation import SecureAggregator
 
@@ -28,7 +29,7 @@ class SecureExchange(Exchange):
 
     def train(self, grid: Grid, strategy: ScreenedStrategy, messages: list[Message], server_round: int) -> Trained:
         def stage(batch: list[Message]) -> list[Message]:
-            replies = list(grid.send_and_receive(batch, timeout=self.config.federation.round_timeout))
+            replies = collect_replies(grid, batch, timeout=self.config.federation.round_timeout)
             self.book.sent(batch)
             return replies
 

@@ -27,10 +27,13 @@ class RoundRecord:
 
 
 class Observer:
-    """Called after every round, in the order of observers.OBSERVERS."""
+    """Called after every round, in the order of observers.OBSERVERS, and once when the run ends."""
 
     def __init__(self, federation: Federation) -> None:
         self.federation = federation
 
     def after_round(self, record: RoundRecord) -> None:
         raise NotImplementedError
+
+    def after_run(self, completed: bool) -> None:
+        """The run ended: `completed` (every round and the final model written), or stopped by an error."""

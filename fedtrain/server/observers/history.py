@@ -21,7 +21,7 @@ class PrivacyReport(Observer):
     def after_round(self, record: RoundRecord) -> None:
         fed = self.federation
         client_level = central_dp.report(record.strategy, fed.config, fed.released)
-        history.write_privacy_report(fed.run_dir, fed.privacy, client_level, fed.integrity)
+        history.write_privacy_report(fed.run_dir, fed.privacy, client_level, fed.integrity, fed.marks)
 
 
 class Plot(Observer):

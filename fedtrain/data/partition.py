@@ -8,7 +8,8 @@ import functools
 import numpy as np
 
 from fedtrain.config import Config
-from fedtrain.data import Dataset, load_source
+from fedtrain.data.datasets import Dataset
+from fedtrain.data.formats import load_source
 from fedtrain.errors import FedtrainError
 
 MAX_DIRICHLET_TRIES = 100
@@ -22,8 +23,11 @@ def test_split(dataset: Dataset, fraction: float, seed: int) -> tuple[np.ndarray
         return indices, indices[:0]
     from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(dataset.y, minlength=dataset.num_classes)
-    stratify = dataset.y if counts[counts > 0].min() >= 2 and round(n * fraction) >= dataset.num_classes else None
+    labels = dataset.targets() if dataset.class_names else None
+    stratify = None
+    if labels is not None:
+        counts = np.bincount(labels, minlength=dataset.num_classes)
+        stratify = labels if counts[counts > 0].min() >= 2 and round(n * fraction) >= dataset.num_classes else None
     train, test = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
     return np.sort(train), np.sort(test)
 
@@ -67,7 +71,9 @@ def partition(dataset: Dataset, config: Config) -> list[np.ndarray]:
         )
     if config.data.partition == "iid":
         return iid(len(dataset), config.federation.clients, config.federation.seed)
-    return dirichlet(dataset.y, config.federation.clients, config.data.alpha, config.federation.seed)
+    if not dataset.class_names:
+        raise FedtrainError("a Dirichlet partition skews the classes of a classification task; use partition iid.")
+    return dirichlet(dataset.targets(), config.federation.clients, config.data.alpha, config.federation.seed)
 
 
 def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,27 +86,62 @@ def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndar
 # ---------------------------------------------------------------- simulation view of one dataset
 
 
-@functools.lru_cache(maxsize=4)
-def _simulation_split(key: tuple) -> tuple[Dataset, Dataset, tuple[np.ndarray, ...]]:
-    config = Config.from_run_config(dict(key))
-    source = load_source(config)
+Split = tuple[Dataset, Dataset, tuple[np.ndarray, ...]]  # (training part, test part, each client's indices)
+
+
+def _split(config: Config, source: Dataset) -> Split:
     train_idx, test_idx = test_split(source, config.data.test_fraction, config.federation.seed)
     train = source.subset(train_idx)
     return train, source.subset(test_idx), tuple(partition(train, config))
 
 
-def _key(config: Config) -> tuple:
-    return tuple(sorted(config.to_run_config().items()))
+@functools.lru_cache(maxsize=4)
+def _split_of_config(key: tuple, target_kind: str) -> Split:
+    config = Config.from_run_config(dict(key))
+    return _split(config, load_source(config, target_kind))
 
 
-def simulation_shard(config: Config, partition_id: int) -> Dataset:
+_GIVEN: dict[tuple[int, tuple], Split] = {}  # splits of datasets given as objects (fedtrain.simulate)
+
+
+def simulation_split(config: Config, source: Dataset | None = None, target_kind: str = "classes") -> Split:
+    """How a simulation splits its dataset (the config's, read with targets of `target_kind`, or
+    `source`): seeded, the same in every process."""
+    key = tuple(sorted(config.to_run_config().items()))
+    if source is None:
+        return _split_of_config(key, target_kind)
+    if (id(source), key) not in _GIVEN:
+        _GIVEN.clear()  # one run's dataset at a time
+        _GIVEN[(id(source), key)] = _split(config, source)
+    return _GIVEN[(id(source), key)]
+
+
+def simulation_shard(
+    config: Config, partition_id: int, source: Dataset | None = None, target_kind: str = "classes"
+) -> Dataset:
     """The shard simulated client `partition_id` holds (same in every process: seeded)."""
-    train, _, parts = _simulation_split(_key(config))
+    train, _, parts = simulation_split(config, source, target_kind)
     if not 0 <= partition_id < len(parts):
         raise FedtrainError(f"partition {partition_id} does not exist: the run has {len(parts)} clients.")
     return train.subset(parts[partition_id])
 
 
-def simulation_test_set(config: Config) -> Dataset:
+def held_out_seed(config: Config, partition_id: int | None = None) -> int:
+    """The seed of a client's held-out draw: the run's seed for a real node's shard, and for simulated
+    client `partition_id` its own draw (its shard is cut from the same dataset as the others')."""
+    seed = config.federation.seed
+    return seed if partition_id is None else seed * 1_000_003 + partition_id
+
+
+def simulation_client_split(
+    config: Config, partition_id: int, source: Dataset | None = None, target_kind: str = "classes"
+) -> tuple[Dataset, Dataset]:
+    """(training split, held-out split) of simulated client `partition_id`'s shard, as that client makes them."""
+    shard = simulation_shard(config, partition_id, source, target_kind)
+    train_idx, held_idx = holdout_split(len(shard), config.data.eval_fraction, held_out_seed(config, partition_id))
+    return shard.subset(train_idx), shard.subset(held_idx)
+
+
+def simulation_test_set(config: Config, source: Dataset | None = None, target_kind: str = "classes") -> Dataset:
     """The global test split the server evaluates on in simulation (never given to a client)."""
-    return _simulation_split(_key(config))[1]
+    return simulation_split(config, source, target_kind)[1]

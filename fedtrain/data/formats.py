@@ -1,49 +1,29 @@
-"""Load one private shard from disk, and split a dataset into shards for simulation.
+"""Reading a shard from disk into a Dataset (data/datasets.py); every defect is one sentence.
 
-Formats: `.npz` (arrays `x`, `y`), `.pt`/`.pth` (dict of tensors `x`, `y`), `.csv` (numeric
-features, label column by name) and an image folder (one sub-folder per class). Whatever the
-format, a shard becomes float32 features (uint8 images scaled to [0, 1], channel-first) and
-int64 class ids. String labels are numbered through the run config's `labels` list, so every
-client numbers them the same way.
+Formats: `.npz` (arrays `x`, `y`), a folder holding `x.npy` and `y.npy` (memory-mapped: read as
+indexed), `.pt`/`.pth` (dict of tensors `x`, `y`), `.csv` (numeric features, a target column by
+name; indexed once, each row parsed when read) and an image folder (one sub-folder per class, each
+image decoded when read, resized to `image_size` when given). Targets are class ids for
+classification (string labels are numbered through the run config's `labels`, so every client
+numbers them the same way) or float32 values for regression and multilabel tasks.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedtrain.config import Config
+from fedtrain.data.datasets import ArrayDataset, CsvDataset, Dataset, ImageFolderDataset
 from fedtrain.errors import FedtrainError
 
 BUILTIN = ("digits",)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 TABULAR_SUFFIXES = {".npz", ".pt", ".pth", ".csv"}
-
-
-@dataclass
-class Dataset:
-    """Features `x` (float32, N x ...) and class ids `y` (int64), with the class names."""
-
-    x: np.ndarray
-    y: np.ndarray
-    class_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    @property
-    def input_shape(self) -> list[int]:
-        return [int(d) for d in self.x.shape[1:]]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def subset(self, indices: np.ndarray) -> Dataset:
-        return Dataset(self.x[indices], self.y[indices], self.class_names)
+GREY_MODES = ("1", "L", "LA", "I", "I;16")
+CHUNK = 4096  # rows checked at a time (memory-mapped arrays are scanned, never loaded whole)
 
 
 # ---------------------------------------------------------------- loading
@@ -56,41 +36,80 @@ def load_builtin(name: str) -> Dataset:
 
         digits = load_digits()
         x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]  # 8x8 grey images in [0, 1]
-        return Dataset(x, digits.target.astype(np.int64), [str(i) for i in range(10)])
+        return ArrayDataset(x, digits.target.astype(np.int64), [str(i) for i in range(10)])
     raise FedtrainError(f"unknown built-in dataset {name!r}; built-ins are: {', '.join(BUILTIN)}.")
 
 
-def load_shard(path: str | Path, config: Config, *, infer_labels: bool = False) -> Dataset:
-    """Load one dataset file or image folder; every defect is a one-sentence FedtrainError.
+def load_shard(
+    path: str | Path, config: Config, *, infer_labels: bool = False, target_kind: str = "classes"
+) -> Dataset:
+    """Open one dataset file or folder (nothing more is read than it takes to index and check it).
 
-    With `infer_labels`, string labels are numbered in sorted order (used once, by the
-    simulation, on the whole dataset); otherwise they must be listed in `config.data.labels`.
+    Args:
+        path: the file or folder.
+        config: the run's config (labels, label column, image size).
+        infer_labels: number string labels in sorted order (used once, by the simulation, on the
+            whole dataset); otherwise they must be listed in `config.data.labels`.
+        target_kind: "classes" (class ids) or "values" (float32 targets: regression, multilabel).
+
+    Returns:
+        The shard.
+
+    Raises:
+        FedtrainError: one sentence for the first defect found.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FedtrainError(f"data path {path} does not exist; check the path given with --data.")
-    if path.is_dir():
-        x, raw_labels = _read_image_folder(path)
+    if path.is_dir() and (path / "x.npy").exists():
+        x, raw = _read_npy_pair(path)
+    elif path.is_dir():
+        return _image_folder(path, config, infer_labels)
     elif path.suffix.lower() == ".npz":
-        x, raw_labels = _read_npz(path)
+        x, raw = _read_npz(path)
     elif path.suffix.lower() in (".pt", ".pth"):
-        x, raw_labels = _read_pt(path)
+        x, raw = _read_pt(path)
     elif path.suffix.lower() == ".csv":
-        x, raw_labels = _read_csv(path, config.data.label_column)
+        return _read_csv(path, config, infer_labels, target_kind)
     else:
         raise FedtrainError(
-            f"cannot read {path}: unknown format {path.suffix or '(no suffix)'}; "
-            "use .npz, .pt, .csv or a folder of images with one sub-folder per class."
+            f"cannot read {path}: unknown format {path.suffix or '(no suffix)'}; use .npz, .pt, .csv, a folder "
+            "holding x.npy and y.npy, or a folder of images with one sub-folder per class."
         )
-    if len(x) != len(raw_labels):
-        raise FedtrainError(
-            f"{path} has {len(x)} samples but {len(raw_labels)} labels; both must have one entry per sample."
-        )
+    if len(x) != len(raw):
+        raise FedtrainError(f"{path} has {len(x)} samples but {len(raw)} labels; both must have one entry per sample.")
     if len(x) == 0:
         raise FedtrainError(f"{path} holds no samples; give a shard with at least one example.")
-    features = _to_features(x, path)
-    y, names = encode_labels(raw_labels, config, str(path), infer=infer_labels)
-    return Dataset(features, y, names)
+    _check_features(x, path)
+    y, names = encode_targets(raw, config, str(path), infer_labels, target_kind)
+    return ArrayDataset(x, y, names)
+
+
+def encode_targets(
+    raw: np.ndarray, config: Config, source: str, infer: bool, target_kind: str
+) -> tuple[np.ndarray, list[str] | None]:
+    """(targets, class names): class ids for "classes", float32 values (finite) for "values"."""
+    if target_kind == "classes":
+        return encode_labels(raw, config, source, infer=infer)
+    try:
+        values = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise FedtrainError(f"targets in {source} are not numbers; this task needs numeric targets.") from None
+    if not np.isfinite(values).all():
+        raise FedtrainError(f"targets in {source} contain NaN or infinite values; clean the data first.")
+    return values, None
+
+
+def _read_npy_pair(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x.npy memory-mapped (read only as items are), y.npy loaded."""
+    try:
+        x = np.load(path / "x.npy", mmap_mode="r", allow_pickle=False)
+        y = np.load(path / "y.npy", allow_pickle=False) if (path / "y.npy").exists() else None
+    except ValueError as exc:
+        raise FedtrainError(f"{path} holds an unreadable .npy file ({exc}); save plain numeric arrays.") from None
+    if y is None:
+        raise FedtrainError(f"{path} has x.npy but no y.npy; save the targets beside the features.")
+    return x, y
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -136,93 +155,97 @@ def _read_pt(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return as_array(obj["x"]), as_array(obj["y"])
 
 
-def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_csv(path: Path, config: Config, infer: bool, target_kind: str) -> Dataset:
+    """Index a CSV shard in one streaming pass: every row checked, only its byte offset and target kept."""
+    label_column = config.data.label_column
+    offsets: list[int] = []
+    labels: list[str] = []
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+        with path.open("rb") as handle:
+            header_line = handle.readline()
+            header = [cell.strip() for cell in next(csv.reader([header_line.decode("utf-8")]), [])]
+            if not any(header):
+                raise FedtrainError(f"{path} is empty; a CSV shard needs a header row and one row per sample.")
+            if label_column not in header:
+                raise FedtrainError(
+                    f"{path} has no label column {label_column!r} (columns: {', '.join(header)}); "
+                    "set label_column to the right name."
+                )
+            label_at = header.index(label_column)
+            columns = [c for c in range(len(header)) if c != label_at]
+            line_no = 1
+            while True:
+                offset = handle.tell()
+                line = handle.readline()
+                if not line:
+                    break
+                line_no += 1
+                row = next(csv.reader([line.decode("utf-8")]), [])
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise FedtrainError(f"{path} line {line_no} has {len(row)} fields, the header has {len(header)}.")
+                for col in columns:
+                    try:
+                        value = float(row[col])
+                    except ValueError:
+                        raise FedtrainError(
+                            f"{path} line {line_no}, column {header[col]!r}: {row[col]!r} is not a number; "
+                            "CSV features must be numeric."
+                        ) from None
+                    if not np.isfinite(value):
+                        raise FedtrainError(f"features in {path} contain NaN or infinite values; clean the data first.")
+                offsets.append(offset)
+                labels.append(row[label_at].strip())
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FedtrainError(f"{path} is not a readable CSV file ({exc}).") from None
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
-    if not rows:
-        raise FedtrainError(f"{path} is empty; a CSV shard needs a header row and one row per sample.")
-    header = [cell.strip() for cell in rows[0]]
-    if label_column not in header:
-        raise FedtrainError(
-            f"{path} has no label column {label_column!r} (columns: {', '.join(header)}); "
-            "set label_column to the right name."
-        )
-    label_at = header.index(label_column)
-    features, labels = [], []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise FedtrainError(f"{path} line {line_no} has {len(row)} fields, the header has {len(header)}.")
-        values = []
-        for col, cell in enumerate(row):
-            if col == label_at:
-                continue
-            try:
-                values.append(float(cell))
-            except ValueError:
-                raise FedtrainError(
-                    f"{path} line {line_no}, column {header[col]!r}: {cell!r} is not a number; "
-                    "CSV features must be numeric."
-                ) from None
-        features.append(values)
-        labels.append(row[label_at].strip())
-    if not features:
+    if not offsets:
         raise FedtrainError(f"{path} has a header but no rows; a CSV shard needs one row per sample.")
-    return np.asarray(features, dtype=np.float32).reshape(len(features), -1), np.asarray(labels)
+    y, names = encode_targets(np.asarray(labels), config, str(path), infer, target_kind)
+    return CsvDataset(path, np.asarray(offsets, dtype=np.int64), columns, y, names)
 
 
-def _read_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _image_folder(path: Path, config: Config, infer: bool) -> Dataset:
+    """Index an image folder: every file's header read (kind, mode, size), no pixels decoded."""
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise FedtrainError(f"image folder {path} has no class sub-folders; put each class's images in its own.")
-    images, labels = [], []
+    files, labels, sizes, grey = [], [], set(), True
     for folder in classes:
         for file in sorted(folder.iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(file) as img:
-                    img.load()
-                    images.append(img.copy())
+                with Image.open(file) as img:  # reads the header only
+                    sizes.add(img.size)
+                    grey = grey and img.mode in GREY_MODES
             except (UnidentifiedImageError, OSError) as exc:
                 raise FedtrainError(f"image {file} cannot be read ({type(exc).__name__}); remove or fix it.") from None
+            files.append(file)
             labels.append(folder.name)
-    if not images:
+    if not files:
         raise FedtrainError(f"image folder {path} holds no PNG or JPEG images.")
-    sizes = {img.size for img in images}
-    if len(sizes) > 1:
+    size = tuple(config.data.image_size) if config.data.image_size else None
+    if size is None and len(sizes) > 1:
         a, b = sorted(sizes)[:2]
         raise FedtrainError(
-            f"images in {path} have different sizes ({a[0]}x{a[1]} and {b[0]}x{b[1]}); resize them to one size."
+            f"images in {path} have different sizes ({a[0]}x{a[1]} and {b[0]}x{b[1]}); set image_size "
+            "(e.g. --image-size 32 32) to resize them to one, or resize the files."
         )
-    grey = all(img.mode in ("1", "L", "LA", "I", "I;16") for img in images)
-    mode = "L" if grey else "RGB"
-    stacked = np.stack([np.asarray(img.convert(mode), dtype=np.uint8) for img in images])
-    return stacked, np.asarray(labels)
+    y, names = encode_labels(np.asarray(labels), config, str(path), infer=infer)
+    return ImageFolderDataset(files, y, names, "L" if grey else "RGB", size)  # type: ignore[arg-type]
 
 
-def _to_features(x: np.ndarray, source: Path) -> np.ndarray:
-    """float32, channel-first images; uint8 scaled to [0, 1]; no NaN or infinity."""
-    if x.dtype == bool:
-        x = x.astype(np.float32)
-    if not np.issubdtype(x.dtype, np.number):
+def _check_features(x: np.ndarray, source: Path) -> None:
+    """Numeric, and (for floats) finite, checked in chunks so a memory-mapped file is never loaded whole."""
+    if x.dtype != bool and not np.issubdtype(x.dtype, np.number):
         raise FedtrainError(f"features in {source} are not numeric (dtype {x.dtype}); convert them to numbers.")
-    scale = 255.0 if x.dtype == np.uint8 else 1.0
-    x = x.astype(np.float32) / np.float32(scale)
-    if x.ndim == 1:
-        x = x[:, None]
-    elif x.ndim == 3:  # channel-less images N x H x W
-        x = x[:, None, :, :]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # channels-last -> channel-first
-    if not np.isfinite(x).all():
-        raise FedtrainError(f"features in {source} contain NaN or infinite values; clean the data first.")
-    return x
+    if np.issubdtype(x.dtype, np.floating):
+        for start in range(0, len(x), CHUNK):
+            if not np.isfinite(x[start : start + CHUNK]).all():
+                raise FedtrainError(f"features in {source} contain NaN or infinite values; clean the data first.")
 
 
 def _label_key(value: object) -> str:
@@ -312,7 +335,7 @@ def check_client_shard(path: str | Path, declared: Config | None) -> Dataset:
     """
     if declared is None:
         shard = load_shard(path, Config(), infer_labels=True)
-        negative = next((name for name in shard.class_names if _is_int(name) and int(name) < 0), None)
+        negative = next((name for name in shard.class_names or [] if _is_int(name) and int(name) < 0), None)
         if negative is not None:
             raise FedtrainError(
                 f"label {negative} in {path} is negative; class labels are 0, 1, 2, ... (or names): fix the data."
@@ -332,8 +355,8 @@ def _renumber(ids: np.ndarray, names: list[str]) -> np.ndarray:
     return np.asarray([lookup[int(v)] for v in ids], dtype=np.int64)
 
 
-def load_source(config: Config) -> Dataset:
+def load_source(config: Config, target_kind: str = "classes") -> Dataset:
     """The whole dataset a simulation splits: a built-in name or a file/folder."""
     if config.data.source in BUILTIN:
         return load_builtin(config.data.source)
-    return load_shard(config.data.source, config, infer_labels=config.data.labels is None)
+    return load_shard(config.data.source, config, infer_labels=config.data.labels is None, target_kind=target_kind)
