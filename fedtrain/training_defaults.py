@@ -29,6 +29,13 @@ The rules (docs/privacy.md, "Defaults that carry over", gives the measurements b
 4. Learning rate: lr = `EPOCH_STEP[family]` * q, q = B / N the sample rate. Each epoch then moves the
    model by the same length (lr * steps per epoch = EPOCH_STEP) whatever the batch: the linear scaling
    rule, which keeps the noise a run accumulates per unit of progress fixed when B changes.
+5. Small N, nonlinear models (`mlp`, `cnn`, `other`): the noise of an epoch, relative to its progress,
+   is sigma / sqrt(N B) (T = N / B steps of noise sigma C / B each, against one epoch's movement);
+   `EPOCH_STEP` was measured at N of about 855 (`NOISE_LEVEL_REF`). Where a client's level is above
+   that (few examples: at N = 97 it is 8 times as high) the epoch step is scaled by
+   (`NOISE_LEVEL_REF` / level) ** `NOISE_EXPONENT`: smaller steps keep tanh units out of saturation,
+   from which a noisy MLP does not come back (it then predicts the majority class). Logistic
+   regression is convex and has no such state: its step stays.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ EPOCH_STEP = {"logistic": 4.0, "mlp": 4.0, "cnn": 4.0, "other": 4.0}
 SIGMA_TARGET = 3.0
 MIN_BATCH = 16
 MAX_SAMPLE_RATE = 0.25
+NOISE_LEVEL_REF = 0.015  # sigma / sqrt(N B) where EPOCH_STEP was measured (N ~ 855, epsilon 3: 0.010-0.013)
+NOISE_EXPONENT = 0.5
+SMALL_N_FAMILIES = ("mlp", "cnn", "other")
 # (noise multiplier, sample rate, steps per round) -> epsilon of the whole run (the client's accounting)
 EpsilonAt = Callable[[float, float, int], float]
 
@@ -124,7 +134,8 @@ def resolve(
     if lr is None:  # rule 4 at the rule's clipping bound (or lr * C of the user's bound), then a trial's scale
         rate = 1.0 / steps_per_epoch(num_samples, batch)
         unscaled_clip = clip if "max_grad_norm" not in chosen else MAX_GRAD_NORM
-        lr = EPOCH_STEP[fam] * rate * MAX_GRAD_NORM / unscaled_clip * training.lr_scale
+        step = EPOCH_STEP[fam] * _small_n_factor(fam, num_samples, batch, local_epochs, config, epsilon_at)
+        lr = step * rate * MAX_GRAD_NORM / unscaled_clip * training.lr_scale
         chosen = [*chosen, "lr"]
     return LocalTraining(batch, local_epochs, lr, clip, tuple(chosen))
 
@@ -157,3 +168,42 @@ def _batch_size(num_samples: int, local_epochs: int, config: Config, epsilon_at:
         else:
             high = middle
     return math.ceil(num_samples / low)
+
+
+def noise_level(noise_multiplier: float, num_samples: int, batch_size: int) -> float:
+    """sigma / sqrt(N B): an epoch's noise relative to its progress (rule 5)."""
+    return noise_multiplier / math.sqrt(num_samples * batch_size)
+
+
+def _small_n_factor(
+    fam: str, num_samples: int, batch: int, local_epochs: int, config: Config, epsilon_at: EpsilonAt | None
+) -> float:
+    """Rule 5: (NOISE_LEVEL_REF / level) ** NOISE_EXPONENT where the level is above the reference, else 1."""
+    if fam not in SMALL_N_FAMILIES:
+        return 1.0
+    steps = steps_per_epoch(num_samples, batch)
+    sigma = config.privacy.noise_multiplier
+    target = config.privacy.target_epsilon
+    if sigma is None:
+        if target is None or epsilon_at is None:
+            return 1.0
+        sigma = _noise_at(lambda noise: epsilon_at(noise, 1.0 / steps, steps * local_epochs), target)
+    level = noise_level(sigma, num_samples, batch)
+    return min(1.0, NOISE_LEVEL_REF / level) ** NOISE_EXPONENT if level > 0 else 1.0
+
+
+def _noise_at(spend: Callable[[float], float], target: float) -> float:
+    """The noise multiplier at which `spend` (falling with it) reaches `target`, to 1% (a bisection on
+    log sigma between 0.3 and 100: the rule needs its size, not the calibration's precision)."""
+    low, high = math.log(0.3), math.log(100.0)
+    if spend(math.exp(high)) > target:
+        return math.exp(high)
+    if spend(math.exp(low)) <= target:
+        return math.exp(low)
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        if spend(math.exp(middle)) > target:
+            low = middle
+        else:
+            high = middle
+    return math.exp(high)
