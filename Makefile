@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedtrain simulate
+	$(BIN)/fedtrain simulate --config examples/demo.toml
 
 test: install
 	$(BIN)/ruff check fedtrain tests

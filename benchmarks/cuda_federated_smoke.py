@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing fedtrain
 
 
+from fedtrain import training_defaults  # noqa: E402
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round  # noqa: E402
 from fedtrain.config import Config  # noqa: E402
 from fedtrain.data import load_source  # noqa: E402
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--target-epsilon", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=None, help="default: fedtrain's (1.0)")
+    p.add_argument("--lr", type=float, default=None, help="default: by rule (training_defaults.py)")
     return p.parse_args(argv)
 
 
@@ -86,16 +87,15 @@ def main(argv: list[str] | None = None) -> None:
             seed=config.federation.seed,
         )
 
-    settings = TrainSettings(
-        config.training.batch_size,
-        config.training.local_epochs,
-        config.training.lr,
-        config.training.momentum,
-        config.privacy.max_grad_norm,
-    )
     clients = []
     for pid in range(config.federation.clients):
         train = client_train_split(config, pid)
+        # the family's rules (fedtrain/training_defaults.py) without the accountant's batch search: the
+        # largest batch; this script checks CUDA training, not the batch the ClientApp would choose
+        local = training_defaults.resolve(config, len(train))
+        settings = TrainSettings(
+            local.batch_size, local.local_epochs, local.lr, config.training.momentum, local.max_grad_norm
+        )
         ledger = PrivacyLedger(
             delta=client_delta(len(train), config.privacy.delta), accountant=config.privacy.accountant
         )
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         sigma = calibrate_noise(
             config.privacy.target_epsilon, ledger.delta, plan.sample_rate, total_steps, ledger.accountant
         )
-        clients.append({"name": f"client-{pid}", "train": train, "ledger": ledger, "sigma": sigma})
+        client = {"name": f"client-{pid}", "train": train, "ledger": ledger, "sigma": sigma, "settings": settings}
+        clients.append(client)
         print(f"client-{pid}: {len(train)} training samples, noise multiplier {sigma:.3f}, delta {ledger.delta:.2g}")
 
     test_set = simulation_test_set(config)
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         updates, weights, epsilons = [], [], {}
         for client in clients:
             ledger = client["ledger"]
+            settings = client["settings"]
             plan = planned_round(len(client["train"]), settings, client["sigma"])
             if ledger.epsilon(plan) > config.effective_max_epsilon * (1 + 1e-9):
                 epsilons[client["name"]] = f"{ledger.epsilon():.3f} (refused: budget)"

@@ -1,8 +1,9 @@
-"""How often the demo reaches its promised accuracy: the demo's training (`fedtrain simulate`'s
-defaults: digits, 5 clients, epsilon 3) repeated in this process, each run with fresh DP noise.
+"""How often the demo reaches its promised accuracy: the demo's training (`make demo`: digits, 5 clients,
+epsilon 3, examples/demo.toml's fixed settings) repeated in this process, each run with fresh DP noise.
 
     python benchmarks/demo_accuracy.py --runs 20
     python benchmarks/demo_accuracy.py --runs 20 --model demo_accuracy:raw_pixel_logistic
+    python benchmarks/demo_accuracy.py --runs 8 --config none   # fedtrain's defaults (the rules) instead
 
 It runs fedtrain's server loop and real ClientApp (tests/inprocess.py) without Ray, about 30 s a run
 on one core. The data split is the demo's (seed 0), so runs differ by their noise only. The second
@@ -27,11 +28,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from fedtrain.config import Config  # noqa: E402
+from fedtrain.config import resolve  # noqa: E402
 from fedtrain.security.keys import generate_key, write_key_file  # noqa: E402
 from tests.inprocess import run_federation  # noqa: E402
 
 PROMISED = 0.90  # issue #2: >= 90% test accuracy at epsilon <= 3
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.toml"
 
 
 def raw_pixel_logistic(input_shape: list[int], num_classes: int) -> nn.Module:
@@ -46,6 +48,7 @@ def main() -> int:
     parser.add_argument("--model", default="logistic", help="logistic, mlp or MODULE:FACTORY")
     parser.add_argument("--seed", type=int, default=0, help="the data split (the demo uses 0)")
     parser.add_argument("--json", type=Path, help="write every run's accuracy and epsilon here")
+    parser.add_argument("--config", default=str(DEMO), help="the demo's TOML (default), or none: the rules")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as fedtrain's simulated clients train
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -55,7 +58,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         key = write_key_file(Path(tmp) / "model.key", generate_key())
         for i in range(args.runs):
-            config = Config(model=args.model, seed=args.seed, run_dir=f"{tmp}/run{i}", key_file=str(key))
+            given = {"model": args.model, "seed": args.seed, "run_dir": f"{tmp}/run{i}", "key_file": str(key)}
+            config = resolve(None if args.config == "none" else args.config, given)
             last = run_federation(config)[-1]
             runs.append({"accuracy": last["accuracy"], "epsilon_max": last["epsilon_max"]})
             print(

@@ -60,6 +60,7 @@ BENCHMARKS = (
     Benchmark("dp_throughput", DP_SETTINGS, 150),
     Benchmark("encryption_cost", "--rounds 3", 150),
     Benchmark("aggregation", "--quick", 180),
+    Benchmark("accuracy", "--quick", 240),
     Benchmark("large_payload", "", 240),  # a 1 GB update: the issue's size, no smaller setting
     # 10, 100 and 1000 clients, all training, 3 rounds each (issue 17): 310-615 s measured at load 8-27
     Benchmark("simulation_scale", "", 900, loopback_only=True),

@@ -54,13 +54,17 @@ def simulate(
     model: Annotated[str | None, typer.Option(help="logistic, mlp, cnn, or MODULE:FACTORY.")] = None,
     target_epsilon: Annotated[float | None, typer.Option(help="Epsilon for the whole training.")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="Fixed DP-SGD noise multiplier.")] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping bound.")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Per-sample gradient clipping bound (default: by rule, docs/privacy.md).")
+    ] = None,
     delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
     max_epsilon: Annotated[float | None, typer.Option(help="Budget a client never exceeds.")] = None,
     accountant: Annotated[str | None, typer.Option(help="prv (tight, default) or rdp.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Expected local batch size.")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate (default: each client's, by rule).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Expected local batch size (default: each client's, by rule).")
+    ] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round (default: by rule).")] = None,
     strategy: Annotated[
         str | None,
         typer.Option(
@@ -231,9 +235,12 @@ def tune(
     model: Annotated[str | None, typer.Option(help="logistic, mlp, cnn, or MODULE:FACTORY.")] = None,
     target_epsilon: Annotated[float | None, typer.Option(help="Epsilon of the whole tuning and training.")] = None,
     delta: Annotated[float | None, typer.Option(help="DP delta (default min(1e-5, 1/(10 N))).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Centre of the learning rates searched (x1/4 to x4).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Centre of the learning rates searched (x1/4 to x4; default: each client's rule)."),
+    ] = None,
     max_grad_norm: Annotated[
-        float | None, typer.Option(help="Centre of the clipping bounds searched (x1/2 to x2).")
+        float | None, typer.Option(help="Centre of the clipping bounds searched (x1/2 to x2; default: the rule's).")
     ] = None,
     lr_values: Annotated[str | None, typer.Option(help="Learning rates to search, comma-separated.")] = None,
     clip_values: Annotated[str | None, typer.Option(help="Clipping bounds to search, comma-separated.")] = None,
@@ -267,6 +274,10 @@ def tune(
     space = SearchSpace(
         _numbers(lr_values, "--lr-values") if lr_values else around.lr,
         _numbers(clip_values, "--clip-values") if clip_values else around.max_grad_norm,
+        # values given on the command line are used as given; the others scale each client's rule
+        tuple(
+            n for n, given in (("lr", lr_values), ("max_grad_norm", clip_values)) if n in around.scaled and not given
+        ),
     )
     client_policy = ClientPolicy.load(policy) if policy is not None else None
     started = time.monotonic()

@@ -107,7 +107,8 @@ class PrivacyConfig:
     # sample-level DP, per client (each client's own policy has the last word: docs/privacy.md)
     target_epsilon: float | None = 3.0
     noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None  # unset: chosen by rule on each client (fedtrain/training_defaults.py)
+    max_grad_norm_scale: float = 1.0  # multiplies the rule's clipping bound (`fedtrain tune`'s search; unset only)
     delta: float | None = None
     max_epsilon: float | None = None
     accountant: Accountant = "prv"
@@ -131,15 +132,16 @@ class PrivacyConfig:
 
 @dataclass
 class TrainingConfig:
-    # The demo's defaults, chosen by a search over DP-FedAvg settings on digits at epsilon 3
-    # (docs/privacy.md): logistic regression, large Poisson batches, two local epochs.
     model: str = "logistic"
     task: str = "classification"  # classification, regression, multilabel, or MODULE:NAME (fedtrain/tasks.py)
     hidden: int = 32
-    lr: float = 1.0
+    # Unset (None): each client chooses them by rule from its number of examples, the model family and
+    # the run's epsilon (fedtrain/training_defaults.py, docs/privacy.md); a value given here is used as given.
+    lr: float | None = None
+    lr_scale: float = 1.0  # multiplies the rule's learning rate (`fedtrain tune`'s search; when lr is unset)
     momentum: float = 0.0
-    batch_size: int = 100
-    local_epochs: int = 2
+    batch_size: int | None = None
+    local_epochs: int | None = None
     max_physical_batch_size: int | None = None  # GPU memory: compute a batch in chunks of this size
     device: str = "auto"
     # per-sample gradients: auto (the fastest mode that matches hooks; ghost clipping when they would not
@@ -261,7 +263,8 @@ class Config:
             _coerce_in_place(self, key, "the config")
         data, fed, strategy, privacy, training = self.data, self.federation, self.strategy, self.privacy, self.training
         _positive_int(fed, "clients", "rounds", "min_fit_clients")
-        _positive_int(training, "batch_size", "local_epochs", "hidden")
+        auto = [n for n in ("batch_size", "local_epochs") if getattr(training, n) is None]  # chosen by rule
+        _positive_int(training, "hidden", *[n for n in ("batch_size", "local_epochs") if n not in auto])
         for name in ("min_fit_clients", "min_available_clients"):
             value = getattr(fed, name)
             if value is not None and not 1 <= value <= fed.clients:
@@ -272,8 +275,8 @@ class Config:
         _in_range(fed, "fraction_evaluate", 0.0, 1.0)
         _in_range(training, "momentum", 0.0, 1.0, high_open=True)
         _positive(data, "alpha")
-        _positive(training, "lr")
-        _positive(privacy, "max_grad_norm")
+        _positive(training, "lr_scale", *[n for n in ("lr",) if training.lr is not None])
+        _positive(privacy, "max_grad_norm_scale", *[n for n in ("max_grad_norm",) if privacy.max_grad_norm is not None])
         _positive(fed, "round_timeout")
         _positive(strategy, "tau")
         _positive(strategy, *[n for n in ("server_lr", "max_update_norm") if getattr(strategy, n) is not None])

@@ -80,16 +80,19 @@ def _preflight(config: Config, model: torch.nn.Module, train: Dataset, task: Tas
     """The DP preflight every client runs before its first step (privacy/preflight.py), once here on the
     first client's split: a model, loss or loader that would break the guarantee stops the run before Ray
     starts. The noise a target epsilon calibrates is each client's to check; 1.0 stands in for it here."""
+    from fedtrain import training_defaults
     from fedtrain.clients.trainer import TrainSettings, planned_round, private_training
     from fedtrain.privacy import preflight
     from fedtrain.privacy.ledger import PrivacyLedger
 
-    training = config.training
-    settings = TrainSettings(training.batch_size, training.local_epochs, training.lr, training.momentum,
-                             config.privacy.max_grad_norm)  # fmt: skip
+    # values left to the rules: the largest batch they allow stands in for the client's (the checks are
+    # of the model, loss and loader, not of the batch size)
+    local = training_defaults.resolve(config, len(train))
+    settings = TrainSettings(local.batch_size, local.local_epochs, local.lr, config.training.momentum,
+                             local.max_grad_norm)  # fmt: skip
     noise = config.privacy.noise_multiplier or 1.0
     setup = private_training(model, train, settings, noise, PrivacyLedger(delta=1e-5), device, task).setup
-    reason = preflight.refusal(setup, planned_round(len(train), settings, noise), len(train), training.batch_size,
+    reason = preflight.refusal(setup, planned_round(len(train), settings, noise), len(train), local.batch_size,
                                preflight.probe_batch(train, device))  # fmt: skip
     if reason is not None:
         raise preflight.PreflightRefusal(f"the DP preflight refuses this run: {reason}.")

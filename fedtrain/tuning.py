@@ -56,31 +56,43 @@ class SearchSpace:
     """The candidates a tuning draws from, uniformly: every pair of a learning rate and a clipping bound.
 
     Only settings that leave a trial's privacy analysis unchanged belong here: the noise multiplier
-    (calibrated by each client), sample rate and steps are the same in every trial.
+    (calibrated by each client), sample rate and steps are the same in every trial. An axis named in
+    `scaled` holds factors of the value each client chooses by rule (fedtrain/training_defaults.py:
+    the run leaves it unset), sent as `lr_scale` / `max_grad_norm_scale`; the others hold values.
     """
 
     lr: tuple[float, ...]
     max_grad_norm: tuple[float, ...]
+    scaled: tuple[str, ...] = ()
 
     @classmethod
     def around(cls, config: Config) -> SearchSpace:
-        """Factors of 1/4 to 4 of the configured learning rate, 1/2 to 2 of the clipping bound."""
+        """Factors of 1/4 to 4 of the learning rate, 1/2 to 2 of the clipping bound: of the configured
+        value, or of each client's rule where the run sets none."""
+        lr, clip = config.training.lr, config.privacy.max_grad_norm
         return cls(
-            tuple(config.training.lr * f for f in LR_FACTORS),
-            tuple(config.privacy.max_grad_norm * f for f in CLIP_FACTORS),
+            tuple((1.0 if lr is None else lr) * f for f in LR_FACTORS),
+            tuple((1.0 if clip is None else clip) * f for f in CLIP_FACTORS),
+            tuple(name for name, value in (("lr", lr), ("max_grad_norm", clip)) if value is None),
         )
 
     def __post_init__(self) -> None:
         for name, values in (("lr", self.lr), ("max_grad_norm", self.max_grad_norm)):
             if not values or not all(math.isfinite(v) and v > 0 for v in values):
                 raise FedtrainError(f"the search space's {name} values must be positive numbers, not {list(values)}.")
+        if not set(self.scaled) <= {"lr", "max_grad_norm"}:
+            raise FedtrainError(f"only lr and max_grad_norm can be scaled, not {list(self.scaled)}.")
+
+    def _key(self, name: str) -> str:
+        return f"{name}_scale" if name in self.scaled else name
 
     def candidates(self) -> list[dict[str, float]]:
         """Every candidate, as config values."""
-        return [{"lr": lr, "max_grad_norm": clip} for lr, clip in itertools.product(self.lr, self.max_grad_norm)]
+        lr, clip = self._key("lr"), self._key("max_grad_norm")
+        return [{lr: a, clip: b} for a, b in itertools.product(self.lr, self.max_grad_norm)]
 
     def to_dict(self) -> dict[str, list[float]]:
-        return {"lr": list(self.lr), "max_grad_norm": list(self.max_grad_norm)}
+        return {self._key("lr"): list(self.lr), self._key("max_grad_norm"): list(self.max_grad_norm)}
 
 
 @dataclass

@@ -21,6 +21,21 @@ def test_cnn_fits_common_image_sizes(shape: list[int]) -> None:
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@pytest.mark.parametrize("shape", [[1, 8, 8], [1, 28, 28], [3, 32, 32], [3, 64, 64]])
+def test_cnn_keeps_the_images_layout_with_bounded_activations_and_no_cross_sample_layer(shape: list[int]) -> None:
+    """Issue 14: the former cnn averaged a 28x28 image down to 2x2 before its classifier. The rebuilt one
+    keeps a 4x4 map of features however large the input, uses tanh only, and has no normalisation layer."""
+    model = build_model("cnn", shape, 10)
+    seen: list[tuple[int, ...]] = []
+    pool = next(m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d))
+    pool.register_forward_hook(lambda module, args, out: seen.extend([tuple(args[0].shape), tuple(out.shape)]))
+    model(torch.zeros(2, *shape))
+    before, after = seen
+    assert min(before[2:]) >= 4 and after[2:] == (4, 4)
+    kinds = {type(m) for m in model.modules()}
+    assert nn.Tanh in kinds and not kinds & {nn.ReLU, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d}
+
+
 def test_cnn_on_tabular_data_says_what_to_use() -> None:
     with pytest.raises(FedtrainError, match="use model 'mlp'"):
         build_model("cnn", [64], 10)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtrain.audit.canaries import KINDS, CanarySet, Kind, make_canaries
+from fedtrain import training_defaults
+from fedtrain.audit.canaries import KINDS, CanaryData, CanarySet, Kind, make_canaries
 from fedtrain.audit.guesses import Guesses, as_dicts, best_guesses
 from fedtrain.audit.scores import gradient_scores, input_scores
 from fedtrain.components import Components, outputs_for, task_for
@@ -136,7 +137,7 @@ def audit(
         raise FedtrainError(f"--confidence must be in (0, 1), for example 0.95, not {confidence}.")
     described, _ = simulation.prepare(config)  # the data's classes and shape; every check before anything runs
     task = task_for(described)
-    train, _ = simulation_client_split(described, 0, None, task.target_kind)
+    train, held_out = simulation_client_split(described, 0, None, task.target_kind)
     shape = described.data.input_shape
     assert shape is not None
 
@@ -154,8 +155,13 @@ def audit(
     classes = described.data.num_classes if task.target_kind == "classes" else None
     record_dir = Path(tempfile.mkdtemp(prefix="fedtrain-audit-"))  # 0700: the canary client's sealed rounds
     try:
-        chosen = make_canaries(_kind(kind), m, train, model, described.privacy.max_grad_norm, positive_control,
-                               record_dir, classes)  # fmt: skip
+        clip = training_defaults.resolve(described, len(train)).max_grad_norm  # the rule's C does not depend on N
+        chosen = make_canaries(_kind(kind), m, train, model, clip, positive_control, record_dir, classes)
+        # Values left to the rules are pinned to those the canary client chooses with its canaries, so that
+        # every client trains with them and the replay of its training (_scores) uses the same.
+        pinned = _pinned_training(described, policy, len(CanaryData(train, chosen)), len(held_out),
+                                  len(train) + len(held_out))  # fmt: skip
+        config, described = config.replace(**pinned), described.replace(**pinned)
         if config.deployment.run_dir is None:
             config = config.replace(run_dir=_default_run_dir(positive_control))
         result = api.run(config, components=Components(probe=chosen), policy=policy, on_round=on_round,
@@ -174,6 +180,20 @@ def audit(
     return found
 
 
+def _pinned_training(
+    config: Config, policy: ClientPolicy | None, num_train: int, num_held_out: int, records: int
+) -> dict[str, Any]:
+    """The canary client's rule-chosen local settings (clients/handlers.py), as config values: its
+    training split holds `num_train` examples with the canaries, its shard `records` without them."""
+    from fedtrain.clients.handlers import chosen_training
+    from fedtrain.privacy.calibration import client_delta
+
+    own = policy or ClientPolicy()
+    delta = config.privacy.delta if config.privacy.delta is not None else client_delta(records, own.delta)
+    local = chosen_training(config, own, num_train, num_held_out, delta)
+    return {name: getattr(local, name) for name in local.chosen}
+
+
 def _kind(kind: str) -> Kind:
     return "gradient" if kind == "gradient" else "input"
 
@@ -189,10 +209,10 @@ def _scores(chosen: CanarySet, final: Any, make_model: Callable, train: Any, tas
 
     if chosen.kind == "input":
         return input_scores(chosen, final, task)
-    training = config.training
     mu = config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0
-    settings = TrainSettings(training.batch_size, training.local_epochs, training.lr, training.momentum,
-                             config.privacy.max_grad_norm, proximal_mu=mu)  # fmt: skip
+    local = training_defaults.resolve(config, len(train))  # pinned by `audit`: the values as given
+    settings = TrainSettings(local.batch_size, local.local_epochs, local.lr, config.training.momentum,
+                             local.max_grad_norm, proximal_mu=mu)  # fmt: skip
     return gradient_scores(chosen, chosen.records(), make_model, train, task, settings)
 
 

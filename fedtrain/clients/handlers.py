@@ -28,12 +28,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message
 
-from fedtrain import protocol
+from fedtrain import protocol, training_defaults
 from fedtrain.clients.local_processes import processes_refusal, train_in_processes
 from fedtrain.clients.setup import ClientSetup, client_id
 from fedtrain.clients.trainer import TrainSettings, planned_round, train_round
@@ -47,6 +48,7 @@ from fedtrain.errors import FedtrainError
 from fedtrain.evaluation import example_values
 from fedtrain.memory import return_large_buffers
 from fedtrain.models import build_model
+from fedtrain.privacy.accountants import epsilon
 from fedtrain.privacy.calibration import RunPlan, client_delta, plan_run
 from fedtrain.privacy.fingerprint import ShardIdentity, identify
 from fedtrain.privacy.ledger import LedgerEntry
@@ -56,6 +58,7 @@ from fedtrain.privacy.preflight import PreflightRefusal
 from fedtrain.privacy.releases import Release, exact_means, private_means
 from fedtrain.privacy.tuning import TrialCount
 from fedtrain.tasks import Classification, Task
+from fedtrain.training_defaults import LocalTraining
 
 log = logging.getLogger("fedtrain")
 _IN_MEMORY = ClientSetup()  # handlers called directly (tests) keep their ledgers here
@@ -197,13 +200,13 @@ def _model_for(session: Session, arrays: ArrayRecord) -> torch.nn.Module:
     return model
 
 
-def _settings(config: Config, context: Context) -> TrainSettings:
+def _settings(config: Config, context: Context, local: LocalTraining) -> TrainSettings:
     return TrainSettings(
-        config.training.batch_size,
-        config.training.local_epochs,
-        config.training.lr,
+        local.batch_size,
+        local.local_epochs,
+        local.lr,
         config.training.momentum,
-        config.privacy.max_grad_norm,
+        local.max_grad_norm,
         # a real node may set its own (`fedtrain client --max-physical-batch-size`): its GPU, its memory
         max_physical_batch_size=int(context.node_config.get("max-physical-batch-size", 0))
         or config.training.max_physical_batch_size,
@@ -347,36 +350,102 @@ def _settings_digest(config: Config, records: int) -> str:
     return hashlib.sha256(repr([(k, config.value(k)) for k in keys] + [records]).encode()).hexdigest()[:16]
 
 
+def _releases(config: Config, held_out: int) -> int:
+    """Private metric releases the run plans: a train loss per round, a held-out evaluation per round."""
+    private = config.privacy.metrics == "private"
+    evaluations = config.federation.rounds if private and config.federation.fraction_evaluate > 0 and held_out else 0
+    return (config.federation.rounds if private else 0) + evaluations
+
+
+def _plan_for(config: Config, policy: ClientPolicy, releases: int, delta: float, digest: str) -> Callable[..., RunPlan]:
+    def plan(
+        sample_rate: float,
+        steps_per_round: int,
+        accountant: str,
+        noise: float | None = config.privacy.noise_multiplier,
+        training: dict[str, Any] | None = None,
+        trials: TrialCount | None = None,
+    ) -> RunPlan:
+        return plan_run(
+            target_epsilon=config.privacy.target_epsilon,
+            noise_multiplier=noise,
+            metrics_share=policy.metrics_share,
+            releases=releases,
+            sample_rate=sample_rate,
+            steps_per_round=steps_per_round,
+            rounds=config.federation.rounds,
+            delta=delta,
+            accountant=accountant,
+            settings=digest,
+            training=training,
+            trials=trials,
+        )
+
+    return plan
+
+
+def chosen_training(
+    config: Config, policy: ClientPolicy, num_train: int, num_held_out: int, delta: float
+) -> LocalTraining:
+    """The local DP-SGD settings a client with `num_train` training and `num_held_out` held-out examples
+    chooses for a run of `config` (the run's values, and the rules' where it sets none).
+
+    Args:
+        config: the run's config.
+        policy: the client's policy (its metrics share enters the run's epsilon).
+        num_train: training examples N.
+        num_held_out: held-out examples (a client with none plans no evaluation releases).
+        delta: the run's delta.
+
+    Returns:
+        The settings, with the names of those a rule chose.
+
+    Raises:
+        FedtrainError: when the client has no training example.
+    """
+    plan = _plan_for(config, policy, _releases(config, num_held_out), delta, "")
+
+    def run_epsilon(noise: float, sample_rate: float, steps_per_round: int) -> float:
+        """The whole run's epsilon at this noise (RDP: fast, and the rules only compare batch sizes). For a
+        tuning, that of one plain run: every trial has the batch it gives, and the tuning's own noise."""
+        return epsilon(plan(sample_rate, steps_per_round, "rdp", noise).planned_mechanisms(), delta, "rdp")
+
+    return training_defaults.resolve(config, num_train, epsilon_at=run_epsilon)
+
+
 def _plan(
     config: Config, policy: ClientPolicy, train: Dataset, held_out: Dataset, delta: float, digest: str
 ) -> RunPlan:
-    settings = TrainSettings(
-        config.training.batch_size,
-        config.training.local_epochs,
-        config.training.lr,
-        config.training.momentum,
-        config.privacy.max_grad_norm,
-    )
+    local = chosen_training(config, policy, len(train), len(held_out), delta)
+    settings = TrainSettings(local.batch_size, local.local_epochs, local.lr, 0.0, local.max_grad_norm)
     step = planned_round(len(train), settings, 1.0)
-    private = config.privacy.metrics == "private"
-    evaluations = (
-        config.federation.rounds if private and config.federation.fraction_evaluate > 0 and len(held_out) else 0
-    )
-    releases = (config.federation.rounds if private else 0) + evaluations
+    if local.chosen:
+        log.info(
+            "local DP-SGD for %d examples: batch %d, %d local epoch(s), lr %.4g, clipping %g (by rule: %s)",
+            len(train), local.batch_size, local.local_epochs, local.lr, local.max_grad_norm, ", ".join(local.chosen),
+        )  # fmt: skip
     tuning = config.privacy.tuning_trials
-    return plan_run(
-        target_epsilon=config.privacy.target_epsilon,
-        noise_multiplier=config.privacy.noise_multiplier,
-        metrics_share=policy.metrics_share,
-        releases=releases,
-        sample_rate=step.sample_rate,
-        steps_per_round=step.steps,
-        rounds=config.federation.rounds,
-        delta=delta,
-        accountant=config.privacy.accountant,
-        settings=digest,
-        trials=None if tuning is None else TrialCount.with_mean(tuning, config.privacy.tuning_eta),
-    )
+    trials = None if tuning is None else TrialCount.with_mean(tuning, config.privacy.tuning_eta)
+    plan = _plan_for(config, policy, _releases(config, len(held_out)), delta, digest)
+    return plan(step.sample_rate, step.steps, config.privacy.accountant, training=local.to_dict(), trials=trials)
+
+
+def local_training(config: Config, plan: RunPlan, num_samples: int) -> LocalTraining:
+    """The local DP-SGD settings of this message: the batch size and local epochs its run's plan fixed
+    (they are the mechanism the noise was calibrated for), the learning rate and clipping bound from
+    this message's config, by rule where it sets none (they leave the privacy analysis unchanged, and
+    a tuning's trials, which share one plan, each bring their own). A plan written before clients chose
+    them has only its sample rate and steps: the batch and epochs follow from those."""
+    if plan.training is not None:
+        planned = LocalTraining.from_dict(plan.training)
+        batch, epochs = planned.batch_size, planned.local_epochs
+        by_rule = [name for name in ("batch_size", "local_epochs") if name in planned.chosen]
+    else:
+        steps_per_epoch = max(1, round(1 / plan.sample_rate))
+        batch, epochs = math.ceil(num_samples / steps_per_epoch), max(1, plan.steps_per_round // steps_per_epoch)
+        by_rule = []
+    local = training_defaults.resolve(config.replace(batch_size=batch, local_epochs=epochs), num_samples)
+    return dataclasses.replace(local, chosen=(*by_rule, *local.chosen))
 
 
 def open_session(msg: Message, context: Context, config: Config, setup: ClientSetup) -> Session | Message:
@@ -475,7 +544,7 @@ def handle_train(msg: Message, context: Context, config: Config, setup: ClientSe
         return session
     plan = session.plan
     device = _device(config, context)
-    settings = _settings(config, context)
+    settings = _settings(config, context, local_training(config, plan, len(session.train)))
     processes = _processes(session, context, settings, device)  # a bad setting: refused before anything runs
     sent = protocol.sent_config(msg)
     tuning = plan.trials is not None  # a tuning's trial: its charge covers the trial (_charge_tuning)

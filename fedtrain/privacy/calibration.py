@@ -217,6 +217,9 @@ class RunPlan:
     `settings` is a digest of the run's privacy-relevant settings: a run that changes them midway
     is refused instead of silently re-planned. `trials` (eta, gamma) marks a tuning's trial: the
     noise covers the best of K ~ D(eta, gamma) such runs (privacy/tuning.py), charged once.
+    `training` holds the local DP-SGD settings the client chose for the run (batch size, local epochs,
+    learning rate, clipping bound and which of them a rule chose: fedtrain/training_defaults.py); None in
+    plans written before clients chose them.
     """
 
     noise_multiplier: float
@@ -229,6 +232,7 @@ class RunPlan:
     accountant: str
     settings: str
     trials: tuple[float, float] | None = None
+    training: dict[str, Any] | None = None
 
     def tuning_entry(self) -> LedgerEntry:
         """The single ledger entry a whole tuning costs (this plan must be a tuning's)."""
@@ -264,6 +268,7 @@ class RunPlan:
                 str(data["accountant"]),
                 str(data["settings"]),
                 None if trials is None else (float(trials[0]), float(trials[1])),
+                dict(data["training"]) if data.get("training") is not None else None,
             )
         except (KeyError, TypeError, ValueError, ArithmeticError, IndexError, FedtrainError) as exc:
             raise FedtrainError(f"a stored run plan is damaged ({exc}); it cannot be trusted.") from None
@@ -282,6 +287,7 @@ def plan_run(
     accountant: str,
     settings: str,
     trials: TrialCount | None = None,
+    training: dict[str, Any] | None = None,
 ) -> RunPlan:
     """Calibrate one client's run (or one trial of a tuning).
 
@@ -298,6 +304,7 @@ def plan_run(
         settings: digest of the settings the plan is for.
         trials: for a tuning's trial, the trial count's distribution: the noise is calibrated so that
             the whole tuning spends `target_epsilon` (no private metrics: trials release none).
+        training: the local DP-SGD settings chosen for the run, kept with the plan.
 
     Returns:
         The plan.
@@ -311,7 +318,7 @@ def plan_run(
             raise FedtrainError("a tuning is planned from target_epsilon, with no private metric releases.")
         sigma = tuned_noise_for(target_epsilon, delta, sample_rate, steps, trials)
         return RunPlan(sigma, sample_rate, steps_per_round, rounds, None, 0, delta, "rdp", settings,
-                       (trials.eta, trials.gamma))  # fmt: skip
+                       (trials.eta, trials.gamma), training)  # fmt: skip
     if target_epsilon is not None:
         metrics_epsilon = metrics_share * target_epsilon
     elif noise_multiplier is not None:  # a fixed noise: metrics take the same share of what training will spend
@@ -327,4 +334,5 @@ def plan_run(
         sigma = noise_for(target_epsilon, delta, sample_rate, steps, accountant, alongside=metrics)
     else:
         sigma = noise_multiplier
-    return RunPlan(sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings)
+    return RunPlan(sigma, sample_rate, steps_per_round, rounds, metrics_noise, releases, delta, accountant, settings,
+                   None, training)  # fmt: skip
