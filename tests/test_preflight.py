@@ -240,7 +240,9 @@ def test_a_client_refuses_in_its_own_words_and_spends_nothing(monkeypatch) -> No
     monkeypatch.setattr(
         PrivacyEngine, "make_private", lambda self, **kw: real(self, **{**kw, "poisson_sampling": False})
     )
-    config = Config(rounds=2, clients=2, input_shape=[1, 8, 8], labels=[str(i) for i in range(10)])
+    config = Config(
+        rounds=2, clients=2, input_shape=[1, 8, 8], labels=[str(i) for i in range(10)], batch_size=100
+    )  # the batch the refusal names (unset, the client's rule chooses it)
     model = build_model("logistic", [1, 8, 8], 10, seed=0)
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
     with flower_task():

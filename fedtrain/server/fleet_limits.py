@@ -65,8 +65,11 @@ class GatewayLimits:
 
 def largest_body(values: int) -> int:
     """The largest legitimate Fleet request body for a model with `values` values (bytes)."""
-    envelope = MARGIN * WIRE_BYTES_PER_VALUE * values + ENVELOPE_RECORDS
-    return min(envelope, FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE) + OBJECT_OVERHEAD
+    # Flower pushes a message object by object, and the records (a sealed message's manifest chunk, or a
+    # plain message's config and metric records) never share an object with the values' arrays: the
+    # largest object is one or the other, not both.
+    largest_object = max(MARGIN * WIRE_BYTES_PER_VALUE * values, ENVELOPE_RECORDS)
+    return min(largest_object, FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE) + OBJECT_OVERHEAD
 
 
 def model_values(config: Config) -> int:
