@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
+from fedtrain.privacy.policy import POLICY_FILE, ClientPolicy
 from fedtrain.processes import ManagedProcess, flower_env, free_port, run_tool, tool, wait_for_port
 from fedtrain.security.kits import provision
 
@@ -60,6 +61,27 @@ def _shards(folder: Path) -> list[Path]:
         np.savez(path, x=(digits.images[part] * 16).astype(np.uint8), y=digits.target[part])
         paths.append(path)
     return paths
+
+
+def _admit_the_benchmark(kits: Path) -> None:
+    """Let each client's policy admit the benchmark's run: plain Flower's clients train whatever the
+    server asks, so fedtrain's must too for the same work. With the kit's default policy (a run's epsilon
+    at most 3) every client refuses sigma 1.0 over these rounds, and a round of refusals is no work."""
+    generous = ClientPolicy(max_run_epsilon=100.0, max_lifetime_epsilon=1000.0).to_toml()
+    for i in range(1, CLIENTS + 1):
+        (kits / f"client-{i}" / POLICY_FILE).write_text(generous)
+
+
+def _check_every_client_trained(rows: list[dict], rounds: int) -> None:
+    """A fedtrain round counts only if every client trained in it (refusals and failures are no work)."""
+    if len(rows) != rounds:
+        raise SystemExit(f"the fedtrain run recorded {len(rows)} rounds, not {rounds}.")
+    for row in rows:
+        if row["clients_ok"] != CLIENTS:
+            raise SystemExit(
+                f"round {row['round']}: {row['clients_ok']} of {CLIENTS} clients trained "
+                f"(refused: {row['refused']}; failed: {row['failed']}); the benchmark needs all of them."
+            )
 
 
 def _wait(process: ManagedProcess | subprocess.Popen, timeout: float, what: str) -> None:
@@ -109,6 +131,7 @@ def run_fedtrain(work: Path, kits: Path, shards: list[Path], rounds: int) -> dic
         for child in children:
             child.stop()
     rows = json.loads((run_dir / "metrics.json").read_text())
+    _check_every_client_trained(rows, rounds)
     finished = (run_dir / "model.ftenc").stat().st_mtime
     return {
         "s_per_round": (finished - submitted) / rounds,
@@ -190,6 +213,7 @@ def main() -> None:
             # its own FEDTRAIN_HOME (a client would refuse a kit whose anchor counts a ledger it lost)
             kits = work / f"kits-{repeat}"
             provision(kits, ["127.0.0.1"], CLIENTS)
+            _admit_the_benchmark(kits)
             order = ("plain", "fedtrain") if repeat % 2 == 0 else ("fedtrain", "plain")  # alternating
             for name in order:
                 folder = work / f"{name}-{repeat}"
