@@ -69,6 +69,7 @@ def pin_clientapp(install: Callable[..., Path], loader: Callable[..., Any]) -> N
 
 def preload_clientapp_runtime() -> None:
     """Import what Flower's ClientApp runtime uses per task (a warm worker's tasks then import nothing)."""
+    import httpcore  # noqa: F401 - httpx imports it when its first client is made
     import httpx  # noqa: F401
     from flwr.common import serde  # noqa: F401
     from flwr.supercore import tls  # noqa: F401
@@ -171,17 +172,98 @@ def launch_failed(why: str) -> Any:
     return LaunchResult.failed(why)
 
 
-def run_superexec(executor: Any) -> None:
-    """Flower's SuperExec (`flower-superexec`, its arguments from sys.argv), ClientApp tasks only, each
-    launched through `executor` (an object with Flower's Executor protocol)."""
+def run_superexec(executor: Any, task_type: str) -> None:
+    """Flower's SuperExec (`flower-superexec`, its arguments from sys.argv), for tasks of one type only
+    ("clientapp" on a client, "serverapp" on the server), each launched through `executor` (an object
+    with Flower's Executor protocol)."""
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec import run_superexec as loop
     from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
 
-    AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
+    AutoExecPlugin.supported_task_types = frozenset({TaskType(f"flwr-{task_type}")})
     loop.get_executor = lambda *_args, **_kwargs: executor
     flower_superexec()
+
+
+# ---------------------------------------------------------------- the ServerApp's runtime
+
+
+def preload_serverapp_runtime() -> None:
+    """Import what Flower's ServerApp runtime uses (a warm worker's run then imports nothing)."""
+    import httpcore  # noqa: F401 - httpx imports it when its first client is made
+    import httpx  # noqa: F401
+    from flwr.server import run_serverapp  # noqa: F401
+    from flwr.superlink.grid import http_grid  # noqa: F401
+    from flwr.superlink.runtime import run_serverapp as runtime  # noqa: F401
+
+
+def run_serverapp_task(
+    address: str, token: str, insecure: bool, certificates: str | None, parent_pid: int | None
+) -> None:
+    """One run of Flower's ServerApp runtime (what `flwr-serverapp` runs) in this process, its output mirrored
+    to the SuperLink's run log as Flower's does. Ends with SystemExit, as Flower's does."""
+    from queue import Queue
+
+    from flwr.supercore.logger import mirror_output_to_queue, restore_output
+    from flwr.superlink.runtime.run_serverapp import run_serverapp
+
+    log_queue: Queue[str | None] = Queue()
+    mirror_output_to_queue(log_queue)
+    try:
+        run_serverapp(
+            runtime_api_address=address,
+            log_queue=log_queue,
+            token=token,
+            insecure=insecure,
+            certificates=_certificates(certificates, insecure),
+            parent_pid=parent_pid,
+            runtime_dependency_install=False,
+        )
+    finally:
+        restore_output()
+
+
+def push_serverapp_failure(address: str, token: str, insecure: bool, certificates: str | None, reason: str) -> None:
+    """For a ServerApp run whose process died or hung: the failed status its runtime never pushed, so the
+    SuperLink ends the run at once (`fedtrain server` then says why) instead of waiting out its heartbeat."""
+    from flwr.common.constant import SubStatus
+    from flwr.proto.runtime_pb2 import PushTaskOutputRequest
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=insecure,
+        root_certificates=_certificates(certificates, insecure),
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-serverapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    try:
+        client.PushTaskOutput(PushTaskOutputRequest(context=None, sub_status=SubStatus.FAILED, details=reason))
+    finally:
+        client.close()
+
+
+def set_serverapp_superexec(command: list[str]) -> None:
+    """The SuperLink of this process starts `command` (with flower-superexec's arguments) as its SuperExec for
+    ServerApp runs, instead of `flower-superexec`."""
+    import importlib
+
+    # the module, not the function of the same name that flwr.superlink.cli exports
+    flower_superlink = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    flower = getattr(flower_superlink._get_superexec_command, "fedtrain_exact", flower_superlink._get_superexec_command)
+
+    def superexec_command(*args: Any, **kwargs: Any) -> list[str]:
+        argv = list(flower(*args, **kwargs))
+        return [*command, *argv[1:]]  # argv[0] is "flower-superexec"
+
+    superexec_command.fedtrain_exact = flower  # type: ignore[attr-defined]
+    flower_superlink._get_superexec_command = superexec_command  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- the SuperNode's heartbeat
@@ -194,6 +276,36 @@ def set_heartbeat(seconds: int) -> None:
 
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = seconds
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
+# ---------------------------------------------------------------- object pulls
+
+
+OBJECT_PULL_FIRST, OBJECT_PULL_CAP = 0.02, 0.5  # seconds: fedtrain's retries of an object not yet stored
+
+
+def set_object_pull_backoff(initial: float = OBJECT_PULL_FIRST, cap: float = OBJECT_PULL_CAP) -> None:
+    """Every object pull of this process retries a not-yet-stored object after `initial` seconds, doubling
+    up to `cap` (Flower: 1 s, doubling to 10 s).
+
+    A message is announced before its objects are stored: the SuperNode stores an incoming message, then
+    pulls its objects, while the task it starts already asks for them; the SuperLink holds a pushed
+    message before the pusher's objects. With Flower's 1 s first retry a task waited 1-3 s per message.
+    Each retry is one local request (ClientAppIo, the SuperLink's Fleet or ServerAppIo API)."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+
+    exact = getattr(inflatable_utils.pull_objects, "fedtrain_exact", inflatable_utils.pull_objects)
+
+    def pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes], **kwargs: Any) -> Any:
+        kwargs["initial_backoff"] = min(float(kwargs.get("initial_backoff", initial)), initial)
+        kwargs["backoff_cap"] = min(float(kwargs.get("backoff_cap", cap)), cap)
+        return exact(object_ids, pull_object_fn, **kwargs)
+
+    pull_objects.fedtrain_exact = exact  # type: ignore[attr-defined]
+    for module in (inflatable_utils, start_client_internal, http_grid):
+        module.pull_objects = pull_objects  # type: ignore[attr-defined]  # each calls the name it imported
 
 
 FLOWER_IDLE_SLEEP = 3  # flwr 1.42's SuperNode: seconds between pulls that found no message
@@ -418,11 +530,16 @@ __all__ = [
     "launch_failed",
     "pin_clientapp",
     "preload_clientapp_runtime",
+    "preload_serverapp_runtime",
+    "push_serverapp_failure",
     "push_task_failure",
     "run_clientapp_task",
+    "run_serverapp_task",
     "run_superexec",
     "run_supernode",
     "set_heartbeat",
+    "set_object_pull_backoff",
+    "set_serverapp_superexec",
     "set_supernode_polling",
     "task_details",
 ]

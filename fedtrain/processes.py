@@ -28,6 +28,9 @@ def tool(name: str) -> str:
 SECRET_ENV = ("FEDTRAIN_MODEL_KEY",)
 
 
+SUPEREXEC_POLL = 0.05  # seconds between a SuperExec's asks for a task (local, about 1 ms each: benchmarks/RESULTS.md)
+
+
 def flower_env(flwr_home: Path | None = None, hide: Iterable[str | None] = ()) -> dict[str, str]:
     """Environment for Flower's processes: our tools first on PATH, quiet, no runtime installs.
 
@@ -52,6 +55,15 @@ def flower_env(flwr_home: Path | None = None, hide: Iterable[str | None] = ()) -
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
+
+
+def superexec_env(env: dict[str, str]) -> dict[str, str]:
+    """A SuperExec's environment (a client's, the server's): it asks its SuperNode or SuperLink for a task
+    every SUPEREXEC_POLL seconds (Flower's default is 1 s, a second of waiting per message), and its warm
+    worker, which tasks are forked from, keeps numpy's BLAS to one thread (no pool of idle threads in a
+    process that forks; each task trains on one thread anyway, clients/handlers.py)."""
+    return {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL), "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -83,7 +83,7 @@ def preload():
     _flower.preload_clientapp_runtime()
 
 worker = warm_worker.start(warm_worker.WarmWorker(pinned_app.run_task, pinned_app.reply_failure), preload)
-_flower.run_superexec(pinned_app.WarmExecutor(worker))
+_flower.run_superexec(warm_worker.WarmExecutor(worker), "clientapp")
 """
 
 

@@ -129,3 +129,24 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+# Measured under 1 s on a quiet machine.
+@pytest.mark.timeout(60)
+def test_the_worker_says_when_it_has_preloaded_and_when_it_cannot() -> None:
+    loaded = warm_worker.start(worker_under_test, _preload)
+    try:
+        assert loaded.wait_ready(30)
+    finally:
+        loaded.stop()
+
+    def broken() -> None:
+        raise RuntimeError("a shard that cannot be read")
+
+    failed = warm_worker.start(worker_under_test, broken)
+    try:
+        started = time.monotonic()
+        assert not failed.wait_ready(30)
+        assert time.monotonic() - started < 20  # told by the worker's exit, not by the timeout
+    finally:
+        failed.stop()

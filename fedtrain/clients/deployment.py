@@ -24,7 +24,7 @@ from fedtrain.clients.supernode import HEARTBEAT_INTERVAL
 from fedtrain.data import check_client_shard
 from fedtrain.errors import FedtrainError
 from fedtrain.fileio import atomic_write_text
-from fedtrain.processes import ManagedProcess, flower_env, free_port
+from fedtrain.processes import ManagedProcess, flower_env, free_port, superexec_env
 from fedtrain.security.key_handover import hand_over
 from fedtrain.security.keys import fedtrain_home
 from fedtrain.security.kit_checks import check_client_kit
@@ -32,7 +32,6 @@ from fedtrain.security.kit_checks import check_client_kit
 SESSION_FILE = "session"
 GIVE_UP = ("Giving up reconnection", "Connection attempt failed, giving up")
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
-SUPEREXEC_POLL = 0.05  # seconds between the SuperExec's asks for a task (local, about 1 ms each: benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -48,15 +47,6 @@ class ClientOptions:
     policy: Path | None = None  # this client's privacy policy (default: the kit's policy.toml)
     secret_env: tuple[str, ...] = ()  # variables that hold secrets (--passphrase-env): no child inherits them
     processes: int = 1  # local processes per round (clients/local_processes.py): this node's choice
-
-
-def superexec_env(env: dict[str, str]) -> dict[str, str]:
-    """The SuperExec's environment: it asks its SuperNode for a task every SUPEREXEC_POLL seconds
-    (Flower's default is 1 s, a second of waiting per message), and its warm worker, which tasks are
-    forked from, keeps numpy's BLAS to one thread (no pool of idle threads in a process that forks;
-    each task trains on one thread anyway, clients/handlers.py)."""
-    return {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL), "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
 def check_privacy(kit: Path, name: str, policy: Path | None) -> Path:
@@ -136,6 +126,24 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             else ["--root-certificates", str(kit / "ca.crt"), "--auth-supernode-private-key", str(key)]
         )
         port_retries, told = 2, False
+        env = flower_env(state / "flwr", hide=options.secret_env)
+
+        def warm_superexec() -> tuple[ManagedProcess, int]:
+            # the SuperExec first: the SuperNode comes online (and the server counts it) once the
+            # SuperExec's warm worker can run a task at once, not seconds of imports later
+            runtime_port = free_port()
+            argv = [sys.executable, "-m", "fedtrain.clients.pinned_app", "--insecure",  # loopback API
+                    "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--parent-pid", str(os.getpid()),
+                    "--warm-data", str(data), "--warm-kit", str(kit)]  # fmt: skip
+            executor = ManagedProcess("SuperExec", argv, superexec_env(env), state / "superexec.log")
+            try:
+                _wait_until_warm(executor, name)
+            except BaseException:
+                executor.stop()
+                raise
+            return executor, runtime_port
+
+        warm: tuple[ManagedProcess, int] | None = None
         session_expires = _crashed_session_expiry(state, options.server)
         if session_expires > time.time():
             # Rejoining the moment the SuperLink lets the old session go would race the ServerApp: a
@@ -143,27 +151,27 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             say(f"{name}: the server still holds this client's previous session (did it crash?); "
                 f"waiting {session_expires - time.time():.0f} s for it to expire")  # fmt: skip
             told = True
-            time.sleep(max(0.0, session_expires - time.time()))
+            warm = warm_superexec()  # loaded while the session expires
+            try:
+                time.sleep(max(0.0, session_expires - time.time()))
+            except BaseException:
+                warm[0].stop()
+                raise
             session_expires = time.time() + 2 * HEARTBEAT_INTERVAL  # then retry a little, if it still holds it
         while True:
-            runtime_port = free_port()
+            executor, runtime_port = warm if warm is not None else warm_superexec()
+            warm = None
             argv = [
                 sys.executable, "-m", "fedtrain.clients.supernode",  # flower-supernode with a 10 s heartbeat
                 "--superlink", options.server,
                 *security,
                 "--node-config", node_config,
-                "--isolation", "process",  # ClientApps are started by fedtrain's pinned SuperExec below
+                "--isolation", "process",  # ClientApps are started by fedtrain's pinned SuperExec above
                 "--host", "127.0.0.1",
                 "--port", str(runtime_port),
                 "--max-wait-time", str(int(options.max_wait)),
             ]  # fmt: skip
-            env = flower_env(state / "flwr", hide=options.secret_env)
             node = ManagedProcess("SuperNode", argv, env, state / "supernode.log", pass_fds=pass_fds)
-            pinned_superexec = [sys.executable, "-m", "fedtrain.clients.pinned_app", "--insecure",  # loopback API
-                                "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-                                "--parent-pid", str(node.process.pid),
-                                "--warm-data", str(data), "--warm-kit", str(kit)]  # fmt: skip
-            executor = ManagedProcess("SuperExec", pinned_superexec, superexec_env(env), state / "superexec.log")
             try:
                 _supervise(node, executor, say, name, options.server, stop_after, state / SESSION_FILE)
                 (state / SESSION_FILE).unlink(missing_ok=True)  # a clean stop deactivates the node
@@ -191,6 +199,19 @@ def join(options: ClientOptions, say: Callable[[str], None], stop_after: float |
             finally:
                 executor.stop()
                 node.stop()
+
+
+def _wait_until_warm(executor: ManagedProcess, name: str) -> None:
+    """Until the SuperExec says its warm worker has loaded (pinned_app.WARM_READY); bounded."""
+    from fedtrain.clients.pinned_app import READY_TIMEOUT, WARM_READY
+
+    deadline = time.monotonic() + READY_TIMEOUT + 30
+    while WARM_READY not in executor.log_tail(200):
+        if not executor.alive:
+            raise FedtrainError(f"{name} stopped: its SuperExec exited while loading (log: {executor.log_path}).")
+        if time.monotonic() > deadline:
+            raise FedtrainError(f"{name} stopped: its SuperExec did not load in time (log: {executor.log_path}).")
+        time.sleep(0.05)
 
 
 def _crashed_session_expiry(state: Path, server: str) -> float:

@@ -44,6 +44,8 @@ ALLOWED_FAB_FILES = {"pyproject.toml", ".info/CONTENT"}
 # share and margin for its reply to travel; one whose run sets no usable timeout gets DEFAULT_TIMEOUT.
 TIMEOUT_SHARE, TIMEOUT_MARGIN, DEFAULT_TIMEOUT = 1.1, 5.0, 600.0
 WARM_ARGS = ("--warm-data", "--warm-kit")  # this SuperExec's own options, taken out before Flower's parse them
+WARM_READY = "fedtrain: warm worker ready"  # the SuperExec's line once its worker has loaded everything
+READY_TIMEOUT = 600.0  # seconds for the worker to load (imports and the shard: 5-20 s here; more on a busy node)
 
 log = logging.getLogger("fedtrain")
 
@@ -102,12 +104,18 @@ def preload(data: str | None, kit: str | None) -> None:
 
     torch.set_num_threads(1)  # no thread pool in the worker (tasks are forked from it); tasks use one anyway
 
+    # torch.optim's first optimizer imports torch._dynamo: seconds of a task's CPU if every task did it
+    import torch._dynamo  # noqa: F401
+
     from fedtrain import _flower
     from fedtrain.clients import app, handlers, trainer  # noqa: F401 - imported for the tasks forked later
-    from fedtrain.privacy import calibration, lifetime, releases  # noqa: F401
+    from fedtrain.privacy import accountants, calibration, lifetime, releases  # noqa: F401
+
+    accountants.warm_rdp([])  # Opacus's RDP cached from here on: a task inherits what the worker computed
 
     _flower.pin_clientapp(_check_instead_of_install, _load_fedtrain_client_app)
     _flower.preload_clientapp_runtime()
+    _flower.set_object_pull_backoff()  # a task asks for its message while the SuperNode still stores it
     # Opacus's import gives the root logger a handler; Flower's logger has its own: say each line once
     logging.getLogger("flwr").propagate = False
     if data and kit:
@@ -128,6 +136,7 @@ def run_task(request: dict[str, Any], channel: Any) -> int:
     the run lets it take."""
     from fedtrain import _flower
     from fedtrain.clients import handlers
+    from fedtrain.privacy import accountants
 
     def on_input(message: Any, context: Any) -> None:
         channel.running(task_timeout(context.run_config), _flower.task_details(message, context))
@@ -142,7 +151,8 @@ def run_task(request: dict[str, Any], channel: Any) -> int:
             on_input,
         )
     except SystemExit:  # Flower's runtime ends every task this way, after replying
-        channel.learned(handlers.shard_reads())
+        learned = [{"shard": args} for args in handlers.shard_reads()]
+        channel.learned(learned + [{"rdp": pair} for pair in accountants.rdp_pairs()])
         channel.finished()
         raise
     return 1  # its runtime returned without exiting: not how a Flower task ends
@@ -163,50 +173,25 @@ def reply_failure(request: dict[str, Any], details: bytes, why: str) -> None:
     )
 
 
-def learn(reads: list[list[Any]]) -> None:
-    """In the warm worker: read the shards a task had to read itself, so that later tasks have them."""
+def learn(items: list[Any]) -> None:
+    """In the warm worker, after a task: read the shards it had to read itself, and compute the RDP of
+    the mechanisms it accounted, so that later tasks find both done (each its own JSON object)."""
     from fedtrain.clients import handlers
+    from fedtrain.privacy import accountants
 
-    for args in reads:
-        try:
-            handlers.read_shard_again(*args)
-        except Exception as exc:  # noqa: BLE001 - the next task reads it itself
-            log.warning("the warm worker could not keep a shard for later tasks: %s", exc)
-
-
-class WarmExecutor:
-    """Flower's SuperExec executor (its `Executor` protocol), running ClientApp tasks in the warm worker."""
-
-    def __init__(self, worker: Any) -> None:
-        self.worker = worker
-
-    def get_eligible_capacity(self, supported_task_types: set, **_kwargs: object) -> tuple[set, set[str]]:
-        return supported_task_types, set()
-
-    def wait_for_capacity(self, *_args: object, **_kwargs: object) -> None:
-        return None
-
-    def launch(self, spec: Any) -> Any:
-        from fedtrain import _flower
-
-        request = {
-            "task_id": spec.task_id,
-            "token": spec.token,
-            "runtime_api_address": spec.runtime_api_address,
-            "insecure": spec.insecure,
-            "root_certificates_path": spec.root_certificates_path,
-            "parent_pid": spec.parent_pid,
-        }
-        if self.worker.submit(request):
-            return _flower.launch_accepted()
-        return _flower.launch_failed("the warm worker is gone")
-
-    def reconcile(self) -> None:
-        if not self.worker.alive:  # this SuperExec exits; `fedtrain client` says so and stops
-            raise RuntimeError("the warm worker exited; see the lines above")
-
-    def close(self) -> None:
-        self.worker.stop()
+    pairs = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("shard"), list):
+            try:
+                handlers.read_shard_again(*item["shard"])
+            except Exception as exc:  # noqa: BLE001 - the next task reads it itself
+                log.warning("the warm worker could not keep a shard for later tasks: %s", exc)
+        pair = item.get("rdp")
+        if isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, float) for v in pair):
+            pairs.append(pair)
+    accountants.warm_rdp(pairs)
 
 
 def _own_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -224,7 +209,10 @@ def superexec_main() -> None:
     """Flower's SuperExec, restricted to ClientApp tasks run in children of a warm worker.
 
     Takes flower-superexec's arguments, and `--warm-data PATH --warm-kit KIT`: the shard the worker
-    reads ahead of the first task, as the kit describes it."""
+    reads ahead of the first task, as the kit describes it. Once the worker has loaded everything it
+    prints WARM_READY (`fedtrain client` starts its SuperNode only then, so a client counts as online
+    to the server only when it can run a task at once), then serves tasks as soon as the SuperNode's
+    runtime API listens."""
     from functools import partial
 
     from fedtrain.clients import warm_worker
@@ -235,9 +223,31 @@ def superexec_main() -> None:
         warm_worker.WarmWorker(run_task, reply_failure, learn),
         partial(preload, own.get("--warm-data"), own.get("--warm-kit")),
     )
+    if not worker.wait_ready(READY_TIMEOUT):
+        worker.stop()
+        raise SystemExit(f"the warm worker did not load within {READY_TIMEOUT:.0f} s (see the lines above)")
+    print(WARM_READY, flush=True)
+    _wait_for_runtime_api(sys.argv[1:], READY_TIMEOUT)
     from fedtrain import _flower
 
-    _flower.run_superexec(WarmExecutor(worker))
+    _flower.run_superexec(warm_worker.WarmExecutor(worker), "clientapp")
+
+
+def _wait_for_runtime_api(argv: list[str], timeout: float) -> None:
+    """Until the SuperNode's runtime API (`--runtime-api-address`) accepts connections, or `timeout` seconds:
+    Flower's SuperExec would otherwise back off from its first failed asks."""
+    import socket
+    import time
+
+    address = argv[argv.index("--runtime-api-address") + 1] if "--runtime-api-address" in argv else ""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while host and port.isdigit() and time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main() -> None:
 
     _flower.set_heartbeat(HEARTBEAT_INTERVAL)
     _flower.set_supernode_polling(POLL_IDLE, POLL_IDLE_MAX, POLL_GROWTH, POLL_WAIT)
+    _flower.set_object_pull_backoff()  # a message's objects, pulled from the server as soon as they are there
     _flower.run_supernode()
 
 

@@ -30,6 +30,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe, wait
+from typing import Any
 
 from fedtrain.processes import die_with_parent
 
@@ -38,6 +39,7 @@ log = logging.getLogger("fedtrain")
 START_TIMEOUT = 120.0  # seconds for a task to get its input and report; then it counts as hung
 HELPER_TIMEOUT = 60.0  # seconds for `on_failure`'s child to tell Flower
 POLL = 0.5  # seconds between checks of deadlines while nothing arrives
+READY = b"ready"  # what the worker says once it has preloaded
 
 Request = dict[str, object]  # what the SuperExec asks for: one task (JSON: token, Runtime API address...)
 RunTask = Callable[[Request, "TaskChannel"], int]  # runs in the task's child; its exit status
@@ -253,9 +255,16 @@ def _how(status: int) -> str:
 class WorkerHandle:
     """The parent's side of a warm worker: hand it tasks, see whether it is alive, stop it."""
 
-    def __init__(self, pid: int, requests: Connection) -> None:
-        self.pid, self._requests = pid, requests
+    def __init__(self, pid: int, requests: Connection, ready: Connection) -> None:
+        self.pid, self._requests, self._ready = pid, requests, ready
         self._status: int | None = None
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the worker has preloaded (True), exited, or `timeout` seconds passed (False)."""
+        try:
+            return self._ready.poll(timeout) and self._ready.recv_bytes() == READY
+        except (EOFError, OSError):
+            return False
 
     def submit(self, request: Request) -> bool:
         """Ask for one task; False when the worker is gone."""
@@ -287,6 +296,42 @@ class WorkerHandle:
                 os.waitpid(self.pid, 0)
 
 
+class WarmExecutor:
+    """Flower's SuperExec executor (its `Executor` protocol), running each task in a child of the warm worker
+    (the client's ClientApp tasks, the server's ServerApp runs)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def get_eligible_capacity(self, supported_task_types: set, **_kwargs: object) -> tuple[set, set[str]]:
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, *_args: object, **_kwargs: object) -> None:
+        return None
+
+    def launch(self, spec: Any) -> Any:
+        from fedtrain import _flower
+
+        request = {
+            "task_id": spec.task_id,
+            "token": spec.token,
+            "runtime_api_address": spec.runtime_api_address,
+            "insecure": spec.insecure,
+            "root_certificates_path": spec.root_certificates_path,
+            "parent_pid": spec.parent_pid,
+        }
+        if self.worker.submit(request):
+            return _flower.launch_accepted()
+        return _flower.launch_failed("the warm worker is gone")
+
+    def reconcile(self) -> None:
+        if not self.worker.alive:  # this SuperExec exits; `fedtrain client` / `server` says so and stops
+            raise RuntimeError("the warm worker exited; see the lines above")
+
+    def close(self) -> None:
+        self.worker.stop()
+
+
 def start(worker: WarmWorker, preload: Callable[[], None]) -> WorkerHandle:
     """Fork the warm worker now, before this process starts any thread, and let it `preload` then serve.
 
@@ -298,9 +343,11 @@ def start(worker: WarmWorker, preload: Callable[[], None]) -> WorkerHandle:
         The handle to submit tasks with.
     """
     theirs, ours = Pipe(duplex=False)
+    ready_theirs, ready_ours = Pipe(duplex=False)  # the worker tells when it has preloaded
     pid = os.fork()
     if pid == 0:
         ours.close()
+        ready_theirs.close()
         code = 0
         try:
             die_with_parent(signal.SIGKILL)  # its parent (the SuperExec) gone: nothing is left to serve
@@ -308,6 +355,8 @@ def start(worker: WarmWorker, preload: Callable[[], None]) -> WorkerHandle:
             threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
             if threads > 1:  # forking with threads can deadlock a task: say so loudly
                 log.warning("the warm worker has %d threads after preloading; tasks may hang", threads)
+            ready_ours.send_bytes(READY)
+            ready_ours.close()
             worker.serve(theirs)
         except BaseException:  # noqa: BLE001 - never unwind into the parent's code
             traceback.print_exc()
@@ -318,4 +367,5 @@ def start(worker: WarmWorker, preload: Callable[[], None]) -> WorkerHandle:
                 sys.stderr.flush()
             os._exit(code)
     theirs.close()
-    return WorkerHandle(pid, ours)
+    ready_ours.close()
+    return WorkerHandle(pid, ours, ready_theirs)

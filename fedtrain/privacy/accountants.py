@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,68 @@ Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps), 
 Tuning = tuple[float, float, int, float, float]
 
 
+# ---------------------------------------------------------------- one step's RDP, computed once per process
+
+# (sample rate, noise multiplier) -> the pid that last used it, most recent last
+_RDP_PAIRS: OrderedDict[tuple[float, float], int] = OrderedDict()
+_RDP_PAIRS_KEPT = 8  # a task's own mechanisms (training, metric releases) are the last it accounts
+
+
+def _cached_rdp() -> None:
+    """Make Opacus compute each (q, sigma, order)'s RDP of one step once per process.
+
+    PRV sizes its grid with two RDP accountings over Opacus's ~80 orders (compute_safe_domain_size), and
+    a fractional order is a series sum: about a second a client per round here, the largest share of
+    a warm client's task. The value is a pure function of its arguments, so caching changes no number
+    (tests/test_accountants.py compares with Opacus's own). The pairs seen are kept (`rdp_pairs`) so a
+    warm worker can compute them ahead of the tasks it forks (`warm_rdp`)."""
+    from opacus.accountants.analysis import rdp
+
+    if getattr(rdp._compute_rdp, "fedtrain_cached", False):
+        return
+    exact = rdp._compute_rdp
+
+    @functools.lru_cache(maxsize=65536)
+    def cached(q: float, sigma: float, alpha: float) -> float:
+        return exact(q, sigma, alpha)
+
+    def noted(q: float, sigma: float, alpha: float) -> float:
+        pair = (float(q), float(sigma))
+        _RDP_PAIRS[pair] = os.getpid()
+        _RDP_PAIRS.move_to_end(pair)
+        while len(_RDP_PAIRS) > _RDP_PAIRS_KEPT:
+            _RDP_PAIRS.popitem(last=False)
+        return cached(q, sigma, alpha)
+
+    noted.fedtrain_cached = True  # type: ignore[attr-defined]
+    rdp._compute_rdp = noted  # Opacus's compute_rdp looks the name up at each call
+
+
+def rdp_pairs() -> list[list[float]]:
+    """The (sample rate, noise multiplier) pairs this process accounted last (itself, not its parent): at
+    most _RDP_PAIRS_KEPT, so a noise calibration's many candidates are not among them."""
+    return [[q, sigma] for (q, sigma), pid in _RDP_PAIRS.items() if pid == os.getpid()]
+
+
+def warm_rdp(pairs: Iterable[Iterable[float]], limit: int = _RDP_PAIRS_KEPT) -> None:
+    """Compute one step's RDP of each (sample rate, noise multiplier) pair at every order the accountants
+    use, so that processes forked after this one find them computed.
+
+    Args:
+        pairs: (q, sigma) pairs, e.g. another process's `rdp_pairs()`; invalid ones are skipped.
+        limit: at most this many pairs are computed.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    _cached_rdp()
+    orders = RDPAccountant.DEFAULT_ALPHAS  # what PRV's grid is sized with
+    for q, sigma in list(pairs)[:limit]:
+        if 0 < q <= 1 and 0 < sigma < math.inf:
+            for order in orders:
+                rdp._compute_rdp(float(q), float(sigma), float(order))
+
+
 def make_accountant(name: str) -> IAccountant:
     """An empty Opacus accountant by name.
 
@@ -53,6 +117,7 @@ def make_accountant(name: str) -> IAccountant:
     """
     from opacus.accountants import create_accountant
 
+    _cached_rdp()
     if name not in ACCOUNTANTS:
         raise FedtrainError(f"unknown accountant {name!r}; use one of {', '.join(ACCOUNTANTS)}.")
     return create_accountant(name)

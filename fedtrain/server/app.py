@@ -7,6 +7,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtrain import _flower
 from fedtrain.components import Components
 from fedtrain.config import Config
 from fedtrain.data import Dataset
@@ -36,6 +37,7 @@ def build_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _flower.set_object_pull_backoff()  # a reply's objects, pulled as soon as the SuperLink has them
         resolved = config if config is not None else Config.from_run_config(dict(context.run_config))
         keys = payload_keys if payload_keys is not None else _kit_keys(resolved)
         sealer = PayloadSealer(keys, context.run_id) if keys is not None else None

@@ -122,6 +122,11 @@ def main() -> None:
     extensions.get_middleware = lambda: (Middleware(SuperLinkGuard, token=token, uid=uid),)
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
+    from fedtrain import _flower
+
+    # ServerApp runs in children of a warm worker (server/warm_serverapp.py), not a new process each
+    _flower.set_serverapp_superexec([sys.executable, "-m", "fedtrain.server.warm_serverapp"])
+
     sys.argv = ["flower-superlink", *sys.argv[1:]]
     flower_superlink()
 

@@ -29,6 +29,7 @@ from fedtrain.processes import (
     flower_env,
     free_port,
     run_tool,
+    superexec_env,
     tool,
     wait_for_port,
 )
@@ -49,6 +50,7 @@ from fedtrain.strategies import make_strategy
 CONNECTION = "fedtrain"
 POLL_SECONDS = 1.0
 STATUS_SECONDS = 20.0
+START_SECONDS = 300.0  # a run still pending after this long: its ServerApp never started (a dead SuperExec)
 
 
 @dataclass
@@ -232,7 +234,7 @@ class Server:
         if self.options.database is not None:
             argv += ["--database", str(self.options.database)]
         self.token = self.control_token()
-        env = {**self.env, TOKEN_FILE_ENV: str(self.token.path)}
+        env = {**superexec_env(self.env), TOKEN_FILE_ENV: str(self.token.path)}  # its SuperExec inherits it
         fds = (*(self.tls_key.pass_fds if self.tls_key else ()), *self.token.pass_fds)
         self.superlink = ManagedProcess("SuperLink", argv, env, self.run_dir / "superlink.log", pass_fds=fds)
         wait_for_port("127.0.0.1", self.internal_port, 60, self.superlink)
@@ -259,8 +261,14 @@ class Server:
         return FleetGateway(self.options.host, self.options.port, self.internal_port, tls, limits, keys)
 
     def register_clients(self) -> None:
-        for name in self.info["clients"]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def register(name: str) -> None:
             _flwr_json(["supernode", "register", str(self.kit / "clients" / f"{name}.pub"), CONNECTION], self.env)
+
+        # each `flwr` call is a Python start of about a second: a few at once, not one client after another
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(register, self.info["clients"]))
         self.say(f"registered {len(self.info['clients'])} client keys: {', '.join(self.info['clients'])}")
 
     def wait_for_clients(self) -> None:
@@ -293,7 +301,8 @@ class Server:
 
         Each `flwr ls` is a Python process start, costly beside the clients on a small machine: the
         status is asked every STATUS_SECONDS, and promptly once the final model file appears."""
-        deadline = time.monotonic() + self.options.run_timeout
+        submitted = time.monotonic()
+        deadline = submitted + self.options.run_timeout
         seen, next_status, earlier_model = 0, 0.0, _mtime(self.run_dir / MODEL_FILE)
         while True:
             seen = self._report_new_rounds(seen, on_round)
@@ -304,6 +313,11 @@ class Server:
                 if status.startswith("finished"):
                     self._report_new_rounds(seen, on_round, final=True)
                     return status
+                if status in ("pending", "starting") and time.monotonic() - submitted > START_SECONDS:
+                    raise FedtrainError(
+                        f"the SuperLink did not start run {run_id}'s ServerApp within {START_SECONDS:.0f} s "
+                        f"(its status is {status}); see {self.run_dir / 'superlink.log'}."
+                    )
                 next_status = time.monotonic() + STATUS_SECONDS
             if self.superlink is not None and not self.superlink.alive:
                 raise FedtrainError(
