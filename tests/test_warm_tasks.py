@@ -72,7 +72,8 @@ import importlib, sys
 from pathlib import Path
 sys.path.insert(0, {app!r})
 from fedtrain import _flower
-from fedtrain.clients import pinned_app, warm_worker
+from fedtrain import warm_worker
+from fedtrain.clients import pinned_app
 
 def load(*_ids):
     return importlib.import_module("faulty_client").app

@@ -1,4 +1,4 @@
-"""The warm worker (fedtrain/clients/warm_worker.py) on its own: each task in a fresh child, nothing a
+"""The warm worker (fedtrain/warm_worker.py) on its own: each task in a fresh child, nothing a
 task does reaches the worker or a later task, and a task that crashes or hangs is killed, reported,
 and does not stop the tasks after it."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtrain.clients import warm_worker
-from fedtrain.clients.warm_worker import TaskChannel, WarmWorker
+from fedtrain import warm_worker
+from fedtrain.warm_worker import TaskChannel, WarmWorker
 
 PRELOADED: dict[str, object] = {}  # what the worker "loaded" before any task; tasks may scribble on their copy
 

@@ -7,7 +7,7 @@ could run code on every client. A fedtrain client therefore runs the SuperNode w
 `--isolation process` and its own SuperExec (`python -m fedtrain.clients.pinned_app`), which:
 
 - takes only ClientApp tasks (a run may ask for an agent app, which is refused), and
-- runs each in a child of its warm worker (clients/warm_worker.py): a process that imported torch,
+- runs each in a child of its warm worker (warm_worker.py): a process that imported torch,
   Opacus, Flower and fedtrain and read the shard once, when `fedtrain client` started. The child
   runs Flower's own ClientApp runtime (same Runtime API, heartbeats, replies), except that the FAB
   is checked in memory (it must hold nothing but a pyproject.toml whose components are fedtrain's
@@ -215,7 +215,7 @@ def superexec_main() -> None:
     runtime API listens."""
     from functools import partial
 
-    from fedtrain.clients import warm_worker
+    from fedtrain import warm_worker
 
     own, sys.argv[1:] = _own_args(sys.argv[1:])
     # forked before Flower's SuperExec starts any thread: the worker stays single-threaded

@@ -4,7 +4,7 @@ Flower's SuperLink starts `flower-superexec`, which starts a new `flwr-serverapp
 run: a Python start and the imports of Flower, torch and fedtrain's server (5-10 s of CPU here) between
 `fedtrain server` submitting its run and the first round's messages, every run. `fedtrain server`'s
 SuperLink starts this module instead (server/control_guard.py), with the same arguments: it forks a warm
-worker (clients/warm_worker.py) that has imported all of that while the server waited for its clients,
+worker (warm_worker.py) that has imported all of that while the server waited for its clients,
 and runs each ServerApp run in a child forked from it, with Flower's own ServerApp runtime (the same
 Runtime API, heartbeats, log upload and final status). The run is the server's own code: its FAB holds
 only the pyproject.toml that `fedtrain server` wrote (server/deployment.py).
@@ -76,7 +76,7 @@ def reply_failure(request: dict[str, Any], _details: bytes, why: str) -> None:
 
 def superexec_main() -> None:
     """Flower's SuperExec for ServerApp runs only, each in a child of a warm worker; flower-superexec's arguments."""
-    from fedtrain.clients import warm_worker
+    from fedtrain import warm_worker
 
     # forked before Flower's SuperExec starts any thread: the worker stays single-threaded
     worker = warm_worker.start(warm_worker.WarmWorker(run_task, reply_failure), preload)
