@@ -278,6 +278,55 @@ def set_heartbeat(seconds: int) -> None:
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = seconds
 
 
+# ---------------------------------------------------------------- the Control API, in this process
+
+
+@contextlib.contextmanager
+def control_client(flwr_home: Path, connection: str) -> Iterator[Any]:
+    """Flower's Control API client for the SuperLink connection `connection` of `flwr_home`'s config, built as
+    `flwr` builds it (its TLS, its stored credentials), in this process: each `flwr` call is a Python start of
+    about a second of CPU, which `fedtrain server` spent on every key registration and every look at who is
+    online while its clients were starting on the same cores."""
+    import io
+    import os
+
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.supercore.credential_store import file_credential_store as store
+
+    previous, default_store = os.environ.get("FLWR_HOME"), store.CREDENTIAL_FILE_PATH
+    os.environ["FLWR_HOME"] = str(flwr_home)  # where Flower's CLI code reads the connection
+    store.CREDENTIAL_FILE_PATH = flwr_home / "credentials.yaml"  # ... and its credentials (set at its import)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # "Using SuperLink: ...", a CLI's line
+            client = init_http_client_from_connection(read_superlink_connection(connection))
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        store.CREDENTIAL_FILE_PATH = default_store
+        if previous is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = previous
+
+
+def register_node(client: Any, public_key_file: Path) -> int:
+    """Register a SuperNode's public key (as `flwr supernode register`); returns its node id."""
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+
+    return int(client.RegisterNode(RegisterNodeRequest(public_key=try_load_public_key(public_key_file))).node_id)
+
+
+def online_nodes(client: Any) -> int:
+    """How many registered SuperNodes are online (as `flwr supernode list` shows them)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    return sum(1 for node in client.ListNodes(ListNodesRequest()).nodes_info if node.status == "online")
+
+
 # ---------------------------------------------------------------- object pulls
 
 
@@ -524,15 +573,18 @@ __all__ = [
     "WorkflowKey",
     "WorkflowState",
     "bytes_to_ndarray",
+    "control_client",
     "parameters_to_ndarrays",
     "indexed_message_state",
     "launch_accepted",
     "launch_failed",
+    "online_nodes",
     "pin_clientapp",
     "preload_clientapp_runtime",
     "preload_serverapp_runtime",
     "push_serverapp_failure",
     "push_task_failure",
+    "register_node",
     "run_clientapp_task",
     "run_serverapp_task",
     "run_superexec",

@@ -164,3 +164,16 @@ def test_objects_not_yet_stored_are_retried_soon() -> None:
     gaps = [later - earlier for earlier, later in zip(asks, asks[1:], strict=False)]
     # fedtrain's 0.02 s then 0.04 s (+-20% jitter); a loaded machine may add a little, never Flower's 1 s
     assert len(gaps) == 2 and max(gaps) < 0.5, gaps
+
+
+def test_the_control_api_client_names_exist() -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
+    from flwr.supercore.credential_store import file_credential_store
+
+    assert callable(read_superlink_connection) and callable(init_http_client_from_connection)
+    assert callable(try_load_public_key) and ListNodesRequest and RegisterNodeRequest
+    # read when a store is made, not only at import: control_client points it at the server's own FLWR_HOME
+    assert "CREDENTIAL_FILE_PATH" in inspect.getsource(file_credential_store.FileCredentialStore.__init__)

@@ -12,14 +12,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtrain import _flower
 from fedtrain.config import Config, toml_value
 from fedtrain.errors import FedtrainError
 from fedtrain.fileio import atomic_write_text
@@ -49,6 +51,7 @@ from fedtrain.strategies import make_strategy
 
 CONNECTION = "fedtrain"
 POLL_SECONDS = 1.0
+ONLINE_POLL_SECONDS = 0.2  # a look at who is online: one local request (in this process), a few ms
 STATUS_SECONDS = 20.0
 START_SECONDS = 300.0  # a run still pending after this long: its ServerApp never started (a dead SuperExec)
 
@@ -261,33 +264,44 @@ class Server:
         return FleetGateway(self.options.host, self.options.port, self.internal_port, tls, limits, keys)
 
     def register_clients(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        def register(name: str) -> None:
-            _flwr_json(["supernode", "register", str(self.kit / "clients" / f"{name}.pub"), CONNECTION], self.env)
-
-        # each `flwr` call is a Python start of about a second: a few at once, not one client after another
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(register, self.info["clients"]))
+        with self.control() as client:
+            for name in self.info["clients"]:
+                _flower.register_node(client, self.kit / "clients" / f"{name}.pub")
         self.say(f"registered {len(self.info['clients'])} client keys: {', '.join(self.info['clients'])}")
+
+    @contextlib.contextmanager
+    def control(self) -> Iterator[Any]:
+        """The SuperLink's Control API, in this process (the server's own `flwr` credentials); any failure of it
+        is one sentence."""
+        try:
+            with _flower.control_client(self.flwr_home, CONNECTION) as client:
+                yield client
+        except FedtrainError:
+            raise
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - Flower's client raises httpx's, click's, its own
+            detail = str(getattr(exc, "message", "") or exc).strip().splitlines()
+            raise FedtrainError(
+                f"the SuperLink's Control API failed: {detail[-1] if detail else type(exc).__name__}; "
+                f"see {self.run_dir / 'superlink.log'}."
+            ) from None
 
     def wait_for_clients(self) -> None:
         deadline = time.monotonic() + self.options.wait_timeout
         wanted, last = self.options.min_clients, -1
-        while True:
-            nodes = _flwr_json(["supernode", "list", CONNECTION], self.env)["nodes"]
-            online = sum(1 for node in nodes if node.get("status") == "online")
-            if online != last:
-                self.say(f"{online}/{wanted} clients online")
-                last = online
-            if online >= wanted:
-                return
-            if time.monotonic() > deadline:
-                raise FedtrainError(
-                    f"only {online} of {wanted} clients came online within {self.options.wait_timeout:.0f} s; "
-                    "check that the clients can reach this server and use kits from this federation."
-                )
-            time.sleep(POLL_SECONDS)
+        with self.control() as client:
+            while True:
+                online = _flower.online_nodes(client)
+                if online != last:
+                    self.say(f"{online}/{wanted} clients online")
+                    last = online
+                if online >= wanted:
+                    return
+                if time.monotonic() > deadline:
+                    raise FedtrainError(
+                        f"only {online} of {wanted} clients came online within {self.options.wait_timeout:.0f} s; "
+                        "check that the clients can reach this server and use kits from this federation."
+                    )
+                time.sleep(ONLINE_POLL_SECONDS)
 
     def submit(self) -> str:
         app_dir = write_app(self.run_dir / "app", self.config, self.options.resume)
