@@ -35,7 +35,8 @@ The rules (docs/privacy.md, "Defaults that carry over", gives the measurements b
    that (few examples: at N = 97 it is 8 times as high) the epoch step is scaled by
    (`NOISE_LEVEL_REF` / level) ** `NOISE_EXPONENT`: smaller steps keep tanh units out of saturation,
    from which a noisy MLP does not come back (it then predicts the majority class). Logistic
-   regression is convex and has no such state: its step stays.
+   regression is convex and has no such state: its step stays. sigma is the noise the client's plan
+   calibrated (`noise_multiplier` of `resolve`), estimated from `epsilon_at` before there is a plan.
 """
 
 from __future__ import annotations
