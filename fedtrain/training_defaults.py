@@ -35,7 +35,8 @@ The rules (docs/privacy.md, "Defaults that carry over", gives the measurements b
    that (few examples: at N = 97 it is 8 times as high) the epoch step is scaled by
    (`NOISE_LEVEL_REF` / level) ** `NOISE_EXPONENT`: smaller steps keep tanh units out of saturation,
    from which a noisy MLP does not come back (it then predicts the majority class). Logistic
-   regression is convex and has no such state: its step stays.
+   regression is convex and has no such state: its step stays. sigma is the noise the client's plan
+   calibrated (`noise_multiplier` of `resolve`), estimated from `epsilon_at` before there is a plan.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def resolve(
     num_samples: int,
     *,
     epsilon_at: EpsilonAt | None = None,
+    noise_multiplier: float | None = None,
 ) -> LocalTraining:
     """The local DP-SGD settings of this client's run: the run's values, and the rules' where it set none.
 
@@ -108,8 +110,10 @@ def resolve(
         config: the run's config (None in lr, batch_size, local_epochs or max_grad_norm: choose it).
         num_samples: this client's training examples N.
         epsilon_at: `(noise_multiplier, sample_rate, steps_per_round) -> epsilon` of the whole run (the
-            client's accounting, metric releases included); needed only when the batch size is chosen
-            under a target epsilon.
+            client's accounting, metric releases included); needed when the batch size is chosen under a
+            target epsilon, and for rule 5 under a target when `noise_multiplier` is not given.
+        noise_multiplier: the noise the client's plan calibrated for the run, once it has one: rule 5
+            then scales the step by the noise the client adds, not by an estimate of it.
 
     Returns:
         The settings, with the names of those a rule chose.
@@ -134,7 +138,8 @@ def resolve(
     if lr is None:  # rule 4 at the rule's clipping bound (or lr * C of the user's bound), then a trial's scale
         rate = 1.0 / steps_per_epoch(num_samples, batch)
         unscaled_clip = clip if "max_grad_norm" not in chosen else MAX_GRAD_NORM
-        step = EPOCH_STEP[fam] * _small_n_factor(fam, num_samples, batch, local_epochs, config, epsilon_at)
+        factor = _small_n_factor(fam, num_samples, batch, local_epochs, config, epsilon_at, noise_multiplier)
+        step = EPOCH_STEP[fam] * factor
         lr = step * rate * MAX_GRAD_NORM / unscaled_clip * training.lr_scale
         chosen = [*chosen, "lr"]
     return LocalTraining(batch, local_epochs, lr, clip, tuple(chosen))
@@ -176,13 +181,19 @@ def noise_level(noise_multiplier: float, num_samples: int, batch_size: int) -> f
 
 
 def _small_n_factor(
-    fam: str, num_samples: int, batch: int, local_epochs: int, config: Config, epsilon_at: EpsilonAt | None
+    fam: str,
+    num_samples: int,
+    batch: int,
+    local_epochs: int,
+    config: Config,
+    epsilon_at: EpsilonAt | None,
+    planned_noise: float | None,
 ) -> float:
     """Rule 5: (NOISE_LEVEL_REF / level) ** NOISE_EXPONENT where the level is above the reference, else 1."""
     if fam not in SMALL_N_FAMILIES:
         return 1.0
     steps = steps_per_epoch(num_samples, batch)
-    sigma = config.privacy.noise_multiplier
+    sigma = planned_noise if planned_noise is not None else config.privacy.noise_multiplier
     target = config.privacy.target_epsilon
     if sigma is None:
         if target is None or epsilon_at is None:

@@ -176,6 +176,25 @@ def test_the_clients_plan_keeps_the_chosen_settings() -> None:
     assert plan.steps_per_round == steps * local.local_epochs
 
 
+def test_a_client_trains_with_rule_5s_step_at_its_planned_noise() -> None:
+    """Few examples, an mlp: the learning rate a client trains with (handlers.local_training, what each train
+    message uses) is rule 5's, at the noise multiplier its plan calibrated, computed here by hand; the plan
+    keeps that same value. (Before this was checked, training recomputed lr without the noise: 4 q.)"""
+    rng = np.random.default_rng(0)
+    train = Dataset(rng.normal(size=(97, 30)).astype(np.float32), rng.integers(0, 2, 97), ["a", "b"])
+    held_out = Dataset(train.x[:5], train.y[:5], train.class_names)
+    config = Config(target_epsilon=3.0, model="mlp").validate()
+    plan = handlers._plan(config, ClientPolicy(), train, held_out, DELTA, "digest")
+    local = handlers.local_training(config, plan, len(train))
+    rate = 1 / td.steps_per_epoch(len(train), local.batch_size)
+    level = plan.noise_multiplier / math.sqrt(len(train) * local.batch_size)
+    assert level > td.NOISE_LEVEL_REF  # the case rule 5 is for
+    by_hand = td.EPOCH_STEP["mlp"] * rate * (td.NOISE_LEVEL_REF / level) ** td.NOISE_EXPONENT
+    assert local.lr == pytest.approx(by_hand) and local.lr < 0.6 * td.EPOCH_STEP["mlp"] * rate
+    assert plan.training is not None and plan.training["lr"] == pytest.approx(local.lr)
+    assert handlers.local_training(config.replace(lr_scale=2.0), plan, len(train)).lr == pytest.approx(2 * local.lr)
+
+
 def test_a_tuning_trial_scales_the_rules_values() -> None:
     """`fedtrain tune` with values left to the rules searches factors of each client's own: lr_scale and
     max_grad_norm_scale multiply the rule's values (not a configured one), and a trial's plan (shared by

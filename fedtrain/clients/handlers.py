@@ -419,15 +419,19 @@ def _plan(
     local = chosen_training(config, policy, len(train), len(held_out), delta)
     settings = TrainSettings(local.batch_size, local.local_epochs, local.lr, 0.0, local.max_grad_norm)
     step = planned_round(len(train), settings, 1.0)
+    tuning = config.privacy.tuning_trials
+    trials = None if tuning is None else TrialCount.with_mean(tuning, config.privacy.tuning_eta)
+    planned = _plan_for(config, policy, _releases(config, len(held_out)), delta, digest)(
+        step.sample_rate, step.steps, config.privacy.accountant, training=local.to_dict(), trials=trials
+    )
+    # the plan keeps the settings the client will train with: rule 5 at the noise just calibrated
+    local = local_training(config, planned, len(train))
     if local.chosen:
         log.info(
             "local DP-SGD for %d examples: batch %d, %d local epoch(s), lr %.4g, clipping %g (by rule: %s)",
             len(train), local.batch_size, local.local_epochs, local.lr, local.max_grad_norm, ", ".join(local.chosen),
         )  # fmt: skip
-    tuning = config.privacy.tuning_trials
-    trials = None if tuning is None else TrialCount.with_mean(tuning, config.privacy.tuning_eta)
-    plan = _plan_for(config, policy, _releases(config, len(held_out)), delta, digest)
-    return plan(step.sample_rate, step.steps, config.privacy.accountant, training=local.to_dict(), trials=trials)
+    return dataclasses.replace(planned, training=local.to_dict())
 
 
 def local_training(config: Config, plan: RunPlan, num_samples: int) -> LocalTraining:
@@ -444,7 +448,10 @@ def local_training(config: Config, plan: RunPlan, num_samples: int) -> LocalTrai
         steps_per_epoch = max(1, round(1 / plan.sample_rate))
         batch, epochs = math.ceil(num_samples / steps_per_epoch), max(1, plan.steps_per_round // steps_per_epoch)
         by_rule = []
-    local = training_defaults.resolve(config.replace(batch_size=batch, local_epochs=epochs), num_samples)
+    # rule 5 (few examples) scales the rule's step by the plan's calibrated noise: the noise this client adds
+    local = training_defaults.resolve(
+        config.replace(batch_size=batch, local_epochs=epochs), num_samples, noise_multiplier=plan.noise_multiplier
+    )
     return dataclasses.replace(local, chosen=(*by_rule, *local.chosen))
 
 
