@@ -36,6 +36,7 @@ from fedtrain.tasks import Task
 
 POLL = 0.2  # seconds between checks that every rank is still alive
 STOP_TIMEOUT = 10.0  # seconds for a killed rank to be reaped
+PEER_GRACE = 1.0  # seconds to look for a dead peer behind a rank's failure (it shows within milliseconds)
 # A collective waiting on a dead or hung rank gives up this long after the round's deadline: a backstop
 # only, the task stops every rank at the deadline (and a rank dies with the task)
 COLLECTIVE_MARGIN = 60.0
@@ -209,6 +210,26 @@ def train_in_processes(
     return result
 
 
+def _died_without_result(channels: list[Connection], workers: list, skip: list[int]) -> int | None:
+    """A rank (not in `skip`) that exited without reporting, looked for during PEER_GRACE seconds: when one
+    rank dies, the others fail in their collectives at once, and that failure is not the cause."""
+    deadline = time.monotonic() + PEER_GRACE
+    while True:
+        for rank, worker in enumerate(workers):
+            if rank in skip or worker.is_alive():
+                continue
+            if not channels[rank].poll():
+                return rank
+            try:  # what it sent before exiting: a report of its own is not "without a result"
+                channels[rank].recv_bytes()
+            except (EOFError, OSError):
+                return rank
+            skip = [*skip, rank]
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
 def _collect(channels: list[Connection], workers: list, deadline: float, timeout: float) -> list[tuple]:
     """Every rank's ("ok", ...) report, or the first failure raised as one sentence."""
     world = len(channels)
@@ -228,6 +249,12 @@ def _collect(channels: list[Connection], workers: list, deadline: float, timeout
             if report[0] == "refused":
                 raise PreflightRefusal(report[1])
             if report[0] != "ok":
+                dead = _died_without_result(channels, workers, [rank, *results])
+                if dead is not None:  # the root cause: a survivor's error is its lost connection to this peer
+                    raise FedtrainError(
+                        f"training process {dead} of {world} stopped without a result "
+                        f"({_how(workers[dead].exitcode)}); the others were stopped."
+                    )
                 raise FedtrainError(f"training process {rank} of {world} failed: {report[1]}")
             results[rank] = report
         for rank, worker in enumerate(workers):
