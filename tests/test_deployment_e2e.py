@@ -106,9 +106,9 @@ def _post(port: int, path: str, ca: Path) -> int:
         return exc.code
 
 
-# Measured 209-269 s on a quiet machine before warm workers (issue 17); 130-136 s alone on a quiet machine
-# with warm client and ServerApp workers (2026-11-30), 170 s beside the other xdist worker of a clean-clone
-# `make test`. CI may share the machine: 900 s, the global default is 600 s.
+# Measured 209-269 s on a quiet machine before warm workers (issue 17); with warm client and ServerApp workers
+# and the server's in-process Control API client (2026-11-30): 110-114 s alone on a quiet machine, 132 s beside
+# the other xdist worker of a clean-clone `make test`. CI may share the machine: 900 s (the default is 600 s).
 @pytest.mark.timeout(900)
 def test_clients_tls_auth_encrypted_payloads_policies_and_a_locked_control_plane(
     federation, capsys, monkeypatch
