@@ -76,6 +76,21 @@ def preload_clientapp_runtime() -> None:
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
 
 
+def _runtime_client(address: str, token: str, insecure: bool, certificates: str | None, component: str) -> Any:
+    """A Runtime API client as Flower's own `component` ("flwr-clientapp", "flwr-serverapp") makes it."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=insecure,
+        root_certificates=_certificates(certificates, insecure),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=component), RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
 def _certificates(path: str | None, insecure: bool) -> bytes | None:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
@@ -131,9 +146,6 @@ def push_task_failure(
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.common.serde import message_from_proto
     from flwr.proto.message_pb2 import Message as MessageProto
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime import run_clientapp as runtime
 
     size = int.from_bytes(details[:4], "big")
@@ -141,16 +153,7 @@ def push_task_failure(
     proto = MessageProto()
     proto.ParseFromString(details[4 + size :])
     message = message_from_proto(proto)
-    client = RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=insecure,
-        root_certificates=_certificates(certificates, insecure),
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-            RuntimeTokenHttpInterceptor(token),
-        ],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
+    client = _runtime_client(address, token, insecure, certificates, "flwr-clientapp")
     context = Context(run_id=int(ids["run_id"]), node_id=int(ids["node_id"]), node_config={}, state=RecordDict(),
                       run_config={})  # fmt: skip
     try:
@@ -229,20 +232,8 @@ def push_serverapp_failure(address: str, token: str, insecure: bool, certificate
     SuperLink ends the run at once (`fedtrain server` then says why) instead of waiting out its heartbeat."""
     from flwr.common.constant import SubStatus
     from flwr.proto.runtime_pb2 import PushTaskOutputRequest
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
 
-    client = RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=insecure,
-        root_certificates=_certificates(certificates, insecure),
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-serverapp"),
-            RuntimeTokenHttpInterceptor(token),
-        ],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
+    client = _runtime_client(address, token, insecure, certificates, "flwr-serverapp")
     try:
         client.PushTaskOutput(PushTaskOutputRequest(context=None, sub_status=SubStatus.FAILED, details=reason))
     finally:
