@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +69,12 @@ def check_privacy(kit: Path, name: str, policy: Path | None) -> Path:
 def _check_server(address: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", address):
         raise FedtrainError(f"--server must be HOST:PORT (for example 10.0.0.5:9092), not {address!r}.")
+
+
+# A connected SuperNode whose heartbeat or pull is refused (401) SIGINTs itself. Flower's heartbeat and its
+# retries each send one SIGINT: the first exits gracefully (0); on a busy machine the second can land after
+# the handler was reset, and Python dies of it (-SIGINT). fedtrain never sends the SuperNode SIGINT.
+SHUT_DOWN_BY_FLOWER = (0, -signal.SIGINT)
 
 
 def explain_exit(code: int | None, log: str) -> str:
@@ -254,8 +261,8 @@ def _supervise(
             raise FedtrainError(f"{name} stopped: its SuperExec exited (log: {executor.log_path}).")
         if not node.alive:
             why = explain_exit(node.returncode, log)
-            if node.returncode == 0 and announced:  # a connected SuperNode stops by itself when its heartbeat is
-                why = "the server no longer accepts this client (was its key unregistered?)"  # refused (401)
+            if announced and node.returncode in SHUT_DOWN_BY_FLOWER:
+                why = "the server no longer accepts this client (was its key unregistered?)"
             raise FedtrainError(f"{name} stopped: {why} (log: {node.log_path}).")
         if any(marker in log for marker in GIVE_UP):
             raise FedtrainError(f"{name} stopped: {explain_exit(None, log)} (log: {node.log_path}).")
