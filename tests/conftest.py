@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,44 @@ from pathlib import Path
 import pytest
 
 from fedtrain.cli import main
+
+# `@pytest.mark.own_process`: the test runs in a pytest of its own, a fresh Python process. For tests that
+# start Ray in-process (fedtrain.simulate, fedtrain.tune): measured beside two CPU hogs, a pytest worker's
+# third Ray session hung with its actors waiting for their task arguments, and the worker later crashed in
+# Ray's _raylet.so. One process per such test keeps every pytest worker free of Ray.
+OWN_PROCESS = "FEDTRAIN_TEST_IN_OWN_PROCESS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_process: run this test in a fresh Python process (it starts Ray)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(OWN_PROCESS):
+        return None
+    marked = pyfuncitem.get_closest_marker("timeout")
+    limit = float(marked.args[0]) if marked and marked.args else float(pyfuncitem.config.getini("timeout") or 600)
+    basetemp = pyfuncitem.config._tmp_path_factory.mktemp("own-process")  # type: ignore[attr-defined]
+    argv = [sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-q", "-rfE", "-p", "no:cacheprovider",
+            "--basetemp", str(basetemp)]  # fmt: skip
+    env = {**os.environ, OWN_PROCESS: "1"}
+    child = subprocess.Popen(argv, cwd=pyfuncitem.config.rootpath, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    late = False
+    try:
+        output, _ = child.communicate(timeout=limit - 20)  # before this pytest's own timeout, to say why
+    except subprocess.TimeoutExpired:
+        late = True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # the child pytest and whatever it started (Ray)
+    if late:
+        output, _ = child.communicate(timeout=30)
+    if late or child.returncode != 0:
+        why = f"ran past {limit - 20:.0f} s" if late else f"exited with {child.returncode}"
+        pytest.fail(f"the test in its own process {why}:\n{output[-8000:]}", pytrace=False)
+    return True
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,7 @@ def linear(input_shape, num_outputs):
     return nn.Linear(input_shape[0], num_outputs)
 
 
+@pytest.mark.own_process  # starts Ray in-process (tests/conftest.py)
 @pytest.mark.timeout(600)
 def test_simulate_a_torch_dataset_with_a_factory_and_regression(tmp_path: Path) -> None:
     data = Cubes()
@@ -61,6 +62,7 @@ def test_simulate_a_torch_dataset_with_a_factory_and_regression(tmp_path: Path) 
     assert not ray.is_initialized()
 
 
+@pytest.mark.own_process  # starts Ray in-process (tests/conftest.py)
 @pytest.mark.timeout(600)
 def test_simulate_a_path_and_arrays(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits

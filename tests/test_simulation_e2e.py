@@ -86,6 +86,7 @@ def _ray_dirs(pid: int) -> set[Path]:
     return {Path(found) for found in re.findall(r"/tmp/ftray-[^/\s=,;:'\"\x00]+", raw)}
 
 
+@pytest.mark.own_process  # starts Ray in-process (tests/conftest.py)
 def test_budget_refusal_ledger_and_ciphertext_only_on_disk_across_a_crash(tmp_path, capsys) -> None:
     """Fixed sigma 1.0 and max_epsilon 5.5: each client can afford a few rounds of the 4, then refuses;
     the run still completes every round. The refusal is checked against an independent accountant.

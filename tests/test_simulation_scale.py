@@ -27,6 +27,7 @@ def _images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(templates[y] + rng.normal(0, 0.3, size=(n, 1, 8, 8)), 0, 1).astype(np.float32), y.astype(np.int64)
 
 
+@pytest.mark.own_process  # starts Ray in-process (tests/conftest.py)
 @pytest.mark.timeout(300)  # 53-89 s at load 7-19 here (quiet not measured)
 def test_200_clients_all_training_cost_the_message_store_one_check_per_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

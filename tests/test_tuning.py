@@ -178,6 +178,7 @@ def test_the_cli_refuses_a_tuning_over_budget_before_anything_is_made(tmp_path: 
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.own_process  # starts Ray in-process (tests/conftest.py)
 @pytest.mark.timeout(600)
 def test_tune_end_to_end_in_simulation(tmp_path: Path) -> None:
     """Two trials (a fixed generator, as only tests may), each client charged once, the total in
