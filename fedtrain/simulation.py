@@ -252,6 +252,9 @@ def run(
     )
     ray_dir = tempfile.mkdtemp(prefix="ftray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray runs its workers at nice 15; here the simulated clients ARE the work, and beside any other busy
+    # process they got a few percent of a core (a make test beside two CPU hogs crawled). Same priority:
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = backend_config(config, ray_dir)

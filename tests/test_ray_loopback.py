@@ -65,6 +65,16 @@ def _kill_tree(pid: int, namespace: bool) -> None:
             os.kill(child, signal.SIGKILL)
 
 
+def _actor_niceness(pid: int) -> int | None:
+    """The niceness of `pid` if it is a simulated client's Ray worker (ray::ClientAppActor), else None."""
+    try:
+        if b"ClientAppActor" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # Measured 21-30 s on the shared 2-core machine (Ray's start-up dominates); a busy machine may take 5x.
 @pytest.mark.timeout(360)
 def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
@@ -76,6 +86,7 @@ def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
     argv = ["unshare", "-rn", "sh", "-c", NETWORK + ' && exec "$@"', "sh", *args] if namespace else args
     log = tmp_path / "simulate.log"
     seen: dict[tuple[str, str, int], Listener] = {}
+    actors: dict[int, int] = {}  # pid -> niceness of each simulated client's Ray worker
     with open(log, "wb") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
@@ -90,6 +101,7 @@ def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
             if namespace and child.pid in pids:
                 pids.remove(child.pid)
                 pids.insert(0, child.pid)  # listeners() reads the namespace of pids[0]: the child's
+            actors.update({pid: nice for pid in pids if (nice := _actor_niceness(pid)) is not None})
             if pids and moved:
                 for listener in listeners(pids, whole_namespace=namespace):
                     seen[(listener.proto, str(listener.address), listener.port)] = listener
@@ -105,6 +117,8 @@ def test_simulate_binds_every_ray_socket_to_loopback(tmp_path: Path) -> None:
     owners = " ".join(entry.process for entry in seen.values())
     # The test saw Ray itself, not an empty table: its GCS and raylet both listen while it runs.
     assert "gcs_server" in owners and "raylet" in owners, f"Ray's servers never seen: {list(map(str, seen.values()))}"
+    # Ray runs workers at nice 15; the simulated clients are the work, at the priority of the run itself
+    assert actors and set(actors.values()) == {os.nice(0)}, f"client workers' niceness: {actors}"
 
 
 def test_ray_local_mode_names_relied_on(monkeypatch: pytest.MonkeyPatch) -> None:
